@@ -1,0 +1,326 @@
+//! Validated settings.
+//!
+//! Everything a gateway needs to start is described by [`Config`]. The CLI
+//! (and, later, a config file) parse user text into these types through the
+//! `FromStr` impls here, so both report the same errors. A `Config` that
+//! exists is well-formed: keys decode, addresses parse, limits are in range.
+//! Whether a port can actually be bound is only known when [`crate::run`]
+//! tries it.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+/// A 32-byte Curve25519 key, as WireGuard writes it: 44 characters of base64.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// Decodes a base64 key. Surrounding whitespace (a trailing newline from
+    /// `wg genkey > file`) is ignored.
+    pub fn from_base64(text: &str) -> Result<Self, ConfigError> {
+        let trimmed = text.trim();
+        let bytes = BASE64
+            .decode(trimmed)
+            .map_err(|_| ConfigError::InvalidKey("it is not valid base64".into()))?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            ConfigError::InvalidKey(format!("it decodes to {} bytes, not 32", bytes.len()))
+        })?;
+        Ok(Key(bytes))
+    }
+
+    /// The key in WireGuard's base64 form.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    /// Never prints the key itself: it may be a private key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// How packets reach the peers.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// WireGuard: our static private key, and the peers we accept.
+    WireGuard {
+        /// This node's private key.
+        private_key: Key,
+        /// The peers. The CLI configures one; the transport handles several.
+        peers: Vec<PeerConfig>,
+    },
+    /// Plain IPv4/IPv6 packets in UDP datagrams (Linux GUE variant 1), with
+    /// no authentication at all (`-k INSECURE -K GUE`).
+    RawIp {
+        /// When set, only datagrams from this address are accepted, and
+        /// replies always go there. Otherwise replies go to the newest sender.
+        peer_endpoint: Option<SocketAddr>,
+    },
+}
+
+/// One WireGuard peer.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// The peer's public key.
+    pub public_key: Key,
+    /// Where to send handshakes before the peer has spoken. Roaming replaces
+    /// it with the source of the newest authenticated packet.
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive interval, in seconds.
+    pub keepalive: Option<u16>,
+    /// Inner addresses this peer may use as source, and that are routed to it.
+    pub allowed_ips: Vec<ipnetwork::IpNetwork>,
+}
+
+impl PeerConfig {
+    /// The allowed IPs of a peer configured without any: everything, v4 and v6.
+    pub fn allow_all() -> Vec<ipnetwork::IpNetwork> {
+        vec![
+            "0.0.0.0/0".parse().expect("valid literal"),
+            "::/0".parse().expect("valid literal"),
+        ]
+    }
+}
+
+/// A reverse forward, `HOST,SOURCE,DEST` (`-t` and `-u`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// Host socket address to listen on.
+    pub host: SocketAddr,
+    /// Source address the peer sees; `None` means the host-side client's own.
+    pub source: Option<SocketAddr>,
+    /// Address inside the tunnel to reach.
+    pub dest: SocketAddr,
+}
+
+impl FromStr for Forward {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::InvalidForward {
+            text: text.to_owned(),
+            why,
+        };
+        let parts: Vec<&str> = text.split(',').collect();
+        let [host, source, dest] = parts[..] else {
+            return Err(bad(format!(
+                "expected HOST,SOURCE,DEST (SOURCE may be empty), found {} part(s)",
+                parts.len()
+            )));
+        };
+        let address = |name: &str, part: &str| {
+            part.trim().parse::<SocketAddr>().map_err(|_| {
+                bad(format!(
+                    "{name} `{part}` is not an address:port (IPv6 as [addr]:port)"
+                ))
+            })
+        };
+        let host = address("HOST", host)?;
+        let source = match source.trim() {
+            "" => None,
+            s => Some(address("SOURCE", s)?),
+        };
+        let dest = address("DEST", dest)?;
+        if let Some(source) = source
+            && source.is_ipv4() != dest.is_ipv4()
+        {
+            return Err(bad("SOURCE and DEST must be the same IP version".into()));
+        }
+        if dest.port() == 0 {
+            return Err(bad("DEST port must not be 0".into()));
+        }
+        Ok(Forward { host, source, dest })
+    }
+}
+
+/// Everything a gateway needs. Build it with the CLI or by hand.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How packets reach the peers.
+    pub transport: Transport,
+    /// Local UDP address of the tunnel socket (`-b`).
+    pub bind: SocketAddr,
+    /// Tunnel MTU: the largest IP packet sent to a peer (`--mtu`).
+    pub mtu: u16,
+    /// Addresses inside the tunnel that answer pings themselves (`-P`).
+    pub pingable: Vec<IpAddr>,
+    /// Address inside the tunnel of the DNS server (`-D`).
+    pub dns: Option<SocketAddr>,
+    /// Per-connection TCP buffering bound, in bytes (`--tcp-buffer-size`).
+    pub tcp_buffer_size: usize,
+    /// Packets that may wait for the tunnel before new ones are dropped
+    /// (`--transmit-queue-capacity`).
+    pub transmit_queue_capacity: usize,
+    /// Reverse UDP forwards (`-u`).
+    pub incoming_udp: Vec<Forward>,
+    /// Reverse TCP forwards (`-t`).
+    pub incoming_tcp: Vec<Forward>,
+    /// Most UDP flows at once; the least recently used goes first.
+    pub max_udp_flows: usize,
+    /// A UDP flow with no traffic either way for this long is closed.
+    pub udp_idle_timeout: Duration,
+}
+
+/// Smallest tunnel MTU accepted: IPv6's minimum link MTU.
+pub const MIN_MTU: u16 = 1280;
+
+impl Config {
+    /// Defaults for everything but the transport and the bind address.
+    pub fn new(transport: Transport, bind: SocketAddr) -> Self {
+        Config {
+            transport,
+            bind,
+            mtu: 1420,
+            pingable: Vec::new(),
+            dns: None,
+            tcp_buffer_size: 65535,
+            transmit_queue_capacity: 256,
+            incoming_udp: Vec::new(),
+            incoming_tcp: Vec::new(),
+            max_udp_flows: 4096,
+            udp_idle_timeout: Duration::from_secs(180),
+        }
+    }
+
+    /// Checks the limits that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mtu < MIN_MTU {
+            return Err(ConfigError::OutOfRange {
+                setting: "--mtu",
+                why: format!("{} is below the minimum of {MIN_MTU}", self.mtu),
+            });
+        }
+        if self.tcp_buffer_size < 1024 {
+            return Err(ConfigError::OutOfRange {
+                setting: "--tcp-buffer-size",
+                why: format!("{} is below the minimum of 1024", self.tcp_buffer_size),
+            });
+        }
+        if self.transmit_queue_capacity == 0 {
+            return Err(ConfigError::OutOfRange {
+                setting: "--transmit-queue-capacity",
+                why: "it must be at least 1".into(),
+            });
+        }
+        if self.max_udp_flows == 0 {
+            return Err(ConfigError::OutOfRange {
+                setting: "max UDP flows",
+                why: "it must be at least 1".into(),
+            });
+        }
+        if let Transport::WireGuard { peers, .. } = &self.transport
+            && peers.is_empty()
+        {
+            return Err(ConfigError::NoPeers);
+        }
+        Ok(())
+    }
+}
+
+/// Why a setting was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key did not decode.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    /// A `-t`/`-u` triplet did not parse.
+    #[error("invalid forward `{text}`: {why}")]
+    InvalidForward {
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A number outside what the setting accepts.
+    #[error("{setting}: {why}")]
+    OutOfRange {
+        /// The setting's name, as the user writes it.
+        setting: &'static str,
+        /// What is wrong with the value.
+        why: String,
+    },
+    /// WireGuard with no peer to talk to.
+    #[error("WireGuard needs at least one peer")]
+    NoPeers,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_surrounding_whitespace() {
+        let key = Key::from_base64("  SG43Zi0wGp4emfJ/XpTnnmtnK8SSjjIHOc3Zh37c928=\n").unwrap();
+        assert_eq!(
+            key.to_base64(),
+            "SG43Zi0wGp4emfJ/XpTnnmtnK8SSjjIHOc3Zh37c928="
+        );
+    }
+
+    #[test]
+    fn key_rejects_wrong_length_and_garbage() {
+        let short = Key::from_base64("AAAA").unwrap_err().to_string();
+        assert!(short.contains("3 bytes, not 32"), "{short}");
+        let garbage = Key::from_base64("not a key!").unwrap_err().to_string();
+        assert!(garbage.contains("not valid base64"), "{garbage}");
+    }
+
+    #[test]
+    fn key_debug_hides_material() {
+        let key = Key([7; 32]);
+        assert_eq!(format!("{key:?}"), "Key(..)");
+    }
+
+    #[test]
+    fn forward_with_source() {
+        let f: Forward = "0.0.0.0:1234,10.0.2.1:1234,10.0.2.15:1234".parse().unwrap();
+        assert_eq!(f.host, "0.0.0.0:1234".parse().unwrap());
+        assert_eq!(f.source, Some("10.0.2.1:1234".parse().unwrap()));
+        assert_eq!(f.dest, "10.0.2.15:1234".parse().unwrap());
+    }
+
+    #[test]
+    fn forward_without_source_and_ipv6() {
+        let f: Forward = "[::]:1234,,[fc00::2]:80".parse().unwrap();
+        assert_eq!(f.source, None);
+        assert_eq!(f.dest, "[fc00::2]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn forward_errors_name_the_part() {
+        let e = "0.0.0.0:1,10.0.2.15:1"
+            .parse::<Forward>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("found 2 part(s)"), "{e}");
+        let e = "0.0.0.0:1,,nonsense"
+            .parse::<Forward>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DEST `nonsense`"), "{e}");
+        let e = "0.0.0.0:1,10.0.0.1:5,[::1]:5"
+            .parse::<Forward>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same IP version"), "{e}");
+    }
+
+    #[test]
+    fn validate_rejects_small_mtu() {
+        let mut c = Config::new(
+            Transport::RawIp {
+                peer_endpoint: None,
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        c.mtu = 500;
+        assert!(c.validate().unwrap_err().to_string().starts_with("--mtu"));
+    }
+}

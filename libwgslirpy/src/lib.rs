@@ -1,0 +1,27 @@
+//! # libwgslirpy: a user-space WireGuard-to-internet router
+//!
+//! Like SLiRP, but with WireGuard instead of PPP: a peer's IP packets arrive
+//! over a WireGuard tunnel (or bare, in UDP), and the router carries the
+//! traffic they hold to the real network through the operating system's
+//! ordinary socket API. No TUN device, no kernel module, no privileges.
+//!
+//! ## Layers
+//! - [`config`]: validated settings, shared by every front end.
+//! - [`tunnel`]: transports that turn UDP datagrams into plain IP packets
+//!   per peer, and back (WireGuard through gotatun, or raw IP over UDP).
+//! - [`core`]: the router itself, a deterministic state machine. Packets and
+//!   socket events go in, packets and socket actions come out, time is
+//!   passed in. It does no I/O and never reads the clock.
+//! - [`driver`]: the thin tokio layer that owns the sockets and timers and
+//!   carries out what the core asks for.
+//!
+//! [`run`] wires them together; an embedding program calls it with a
+//! [`Config`] and a shutdown future.
+
+pub mod config;
+pub mod core;
+pub mod driver;
+pub mod tunnel;
+
+pub use config::Config;
+pub use driver::{RunError, run};
