@@ -37,6 +37,21 @@ impl Key {
     pub fn to_base64(&self) -> String {
         BASE64.encode(self.0)
     }
+
+    /// A new random private key, clamped as `wg genkey` clamps it.
+    pub fn generate_private() -> Self {
+        let mut bytes: [u8; 32] = rand::random();
+        bytes[0] &= 248;
+        bytes[31] &= 127;
+        bytes[31] |= 64;
+        Key(bytes)
+    }
+
+    /// The public key of this private key, as `wg pubkey` computes it.
+    pub fn public_key(&self) -> Self {
+        let secret = gotatun::x25519::StaticSecret::from(self.0);
+        Key(gotatun::x25519::PublicKey::from(&secret).to_bytes())
+    }
 }
 
 impl fmt::Debug for Key {
@@ -270,6 +285,24 @@ mod tests {
         assert!(short.contains("3 bytes, not 32"), "{short}");
         let garbage = Key::from_base64("not a key!").unwrap_err().to_string();
         assert!(garbage.contains("not valid base64"), "{garbage}");
+    }
+
+    #[test]
+    fn public_key_matches_wireguard() {
+        // The pair from the wgslirpy 0.2.0 demo, made with `wg genkey` and `wg pubkey`.
+        let private = Key::from_base64("4Khaa5tgPI9NJsO2R896Yd6748k9fW4aapGZnIcUM14=").unwrap();
+        assert_eq!(
+            private.public_key().to_base64(),
+            "rPpCjWzIv/yAtZZi+C/pVprie8D0QaGlPtJXlDi6bmI="
+        );
+    }
+
+    #[test]
+    fn generated_keys_are_clamped_and_distinct() {
+        let (a, b) = (Key::generate_private(), Key::generate_private());
+        assert_ne!(a, b);
+        assert_eq!(a.0[0] & 7, 0);
+        assert_eq!(a.0[31] & 0xc0, 0x40);
     }
 
     #[test]

@@ -1,1 +1,238 @@
-//! The sans-I/O router core (being written).
+//! The sans-I/O router core.
+//!
+//! [`Router`] is a deterministic state machine. It never touches a socket
+//! and never reads the clock: every input carries `now`, and every output is
+//! a plain value that the driver carries out.
+//!
+//! ## Using it
+//! Methods fall into groups:
+//! - **inputs**, `handle_*`: a packet from a peer
+//!   ([`Router::handle_packet`]), an event from a host socket
+//!   ([`Router::handle_udp_datagram`], [`Router::handle_udp_failed`]), or a
+//!   timer firing ([`Router::handle_timeout`]);
+//! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
+//!   actions on host sockets ([`Router::poll_socket_action`]), and the next
+//!   deadline ([`Router::poll_timeout`]);
+//! - **getters**: [`Router::stats`].
+//!
+//! After each input, drain `poll_socket_action` and `poll_transmit` until
+//! they return `None`, then re-arm the timer from `poll_timeout`. Each input
+//! produces a bounded number of outputs, so draining after every input keeps
+//! the queues short. Packets for peers are held in a queue bounded by the
+//! transmit queue capacity; beyond it they are dropped and counted.
+//!
+//! ## What it handles
+//! - ICMP/ICMPv6 echo to the pingable addresses ([`icmp`]);
+//! - UDP, through endpoint-independent NAT ([`udp`]);
+//! - everything else is counted and dropped.
+
+pub mod flows;
+pub mod icmp;
+pub mod packet;
+pub mod udp;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+pub use flows::FlowId;
+
+use crate::Config;
+use packet::Parsed;
+
+/// What the driver must do with host sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAction {
+    /// Open a UDP socket for `flow`, bound to an ephemeral port on the
+    /// unspecified address of the given family. If that fails, call
+    /// [`Router::handle_udp_failed`].
+    UdpOpen {
+        /// The flow that owns the socket.
+        flow: FlowId,
+        /// IPv6 (true) or IPv4 socket.
+        ipv6: bool,
+    },
+    /// Send `payload` from the socket of `flow` to `dest`, without waiting:
+    /// if the socket cannot take it now, drop it.
+    UdpSend {
+        /// The flow whose socket sends.
+        flow: FlowId,
+        /// The remote address.
+        dest: SocketAddr,
+        /// The datagram.
+        payload: Bytes,
+    },
+    /// Close the socket of `flow`.
+    UdpClose {
+        /// The flow whose socket closes.
+        flow: FlowId,
+    },
+}
+
+/// Counters of what the router has done and dropped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets received from peers.
+    pub packets_in: u64,
+    /// Packets queued for peers.
+    pub packets_out: u64,
+    /// Packets from peers that failed to parse.
+    pub dropped_malformed: u64,
+    /// Packets from peers using something not handled.
+    pub dropped_unsupported: u64,
+    /// Packets for peers that would exceed the tunnel MTU.
+    pub dropped_too_big: u64,
+    /// Packets for peers dropped because the transmit queue was full.
+    pub dropped_queue_full: u64,
+    /// Echo requests answered.
+    pub echo_replies: u64,
+    /// UDP flows created.
+    pub udp_flows_opened: u64,
+    /// UDP flows evicted because the table was full.
+    pub udp_flows_evicted: u64,
+    /// UDP flows closed after their idle timeout.
+    pub udp_flows_expired: u64,
+}
+
+/// The router state machine. See the module documentation.
+pub struct Router {
+    mtu: usize,
+    pingable: Vec<IpAddr>,
+    udp: udp::UdpNat,
+    transmit: VecDeque<BytesMut>,
+    transmit_capacity: usize,
+    actions: VecDeque<SocketAction>,
+    stats: Stats,
+}
+
+impl Router {
+    /// A router for `config`, which should have passed [`Config::validate`].
+    pub fn new(config: &Config) -> Self {
+        Router {
+            mtu: usize::from(config.mtu),
+            pingable: config.pingable.clone(),
+            udp: udp::UdpNat::new(config.max_udp_flows, config.udp_idle_timeout),
+            transmit: VecDeque::with_capacity(config.transmit_queue_capacity),
+            transmit_capacity: config.transmit_queue_capacity,
+            actions: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A plain IP packet from a peer.
+    pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.stats.packets_in += 1;
+        let parsed = match packet::parse(packet) {
+            Ok(parsed) => parsed,
+            Err(packet::Drop::Malformed) => {
+                tracing::trace!(len = packet.len(), "dropped malformed packet from peer");
+                self.stats.dropped_malformed += 1;
+                return;
+            }
+            Err(packet::Drop::Unsupported) => {
+                tracing::trace!(len = packet.len(), "dropped unsupported packet from peer");
+                self.stats.dropped_unsupported += 1;
+                return;
+            }
+        };
+        match parsed {
+            Parsed::Udp { src, dst, payload } => {
+                self.udp
+                    .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+            }
+            Parsed::EchoRequest {
+                src,
+                dst,
+                ident,
+                seq_no,
+                data,
+            } => match icmp::answer_echo(&self.pingable, src, dst, ident, seq_no, data) {
+                Some(reply) => {
+                    self.stats.echo_replies += 1;
+                    self.transmit(reply);
+                }
+                None => {
+                    tracing::trace!(%dst, "dropped echo request: forwarding not supported");
+                    self.stats.dropped_unsupported += 1;
+                }
+            },
+            Parsed::Other { protocol } => {
+                tracing::trace!(protocol, "dropped packet of unhandled protocol");
+                self.stats.dropped_unsupported += 1;
+            }
+        }
+    }
+
+    /// A datagram from `from` arrived on the socket of UDP `flow`.
+    pub fn handle_udp_datagram(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
+        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let Some(peer_side) = self.udp.inbound(now, flow, from) else {
+            return;
+        };
+        if packet::udp_packet_len(from.is_ipv6(), payload.len()) > self.mtu {
+            tracing::debug!(
+                flow = flow.0,
+                len = payload.len(),
+                "dropped UDP reply over the MTU"
+            );
+            self.stats.dropped_too_big += 1;
+            return;
+        }
+        if let Some(reply) = packet::build_udp(from, peer_side, payload) {
+            self.transmit(reply);
+        }
+    }
+
+    /// The socket of UDP `flow` could not be opened or has failed; the
+    /// driver has dropped it.
+    pub fn handle_udp_failed(&mut self, _now: Instant, flow: FlowId) {
+        self.udp.remove(flow);
+    }
+
+    /// The deadline from [`Router::poll_timeout`] has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.udp.expire(now, &mut self.actions, &mut self.stats);
+    }
+
+    /// The next packet for a peer.
+    pub fn poll_transmit(&mut self) -> Option<BytesMut> {
+        self.transmit.pop_front()
+    }
+
+    /// The next action on a host socket.
+    pub fn poll_socket_action(&mut self) -> Option<SocketAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Router::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.udp.next_expiry()
+    }
+
+    fn transmit(&mut self, packet: BytesMut) {
+        if packet.len() > self.mtu {
+            self.stats.dropped_too_big += 1;
+        } else if self.transmit.len() >= self.transmit_capacity {
+            self.stats.dropped_queue_full += 1;
+        } else {
+            self.stats.packets_out += 1;
+            self.transmit.push_back(packet);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,20 +1,158 @@
-//! The tokio driver (being written).
+//! The tokio driver: the I/O edge around the sans-I/O [`Router`].
+//!
+//! One task owns the router. It waits on four things at once: packets from
+//! the tunnel, events from host sockets, the router's next deadline, and
+//! shutdown. After each wake-up it feeds the input to the router with the
+//! current time, then carries out every output: socket actions first (so a
+//! UDP send finds the socket opened just before it), then packets for the
+//! tunnel. Nothing in this loop waits on a full queue: packets for a full
+//! tunnel queue are dropped, as a TUN device would drop them.
+//!
+//! Host sockets live here, keyed by the router's [`FlowId`]s. Each UDP socket
+//! has a reader task that turns datagrams into [`HostEvent`]s on a bounded
+//! channel; a slow router makes those tasks wait, and the kernel's socket
+//! buffers absorb or drop the excess, per socket.
+
+mod udp;
+
+use std::future::Future;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
 use crate::Config;
+use crate::config::ConfigError;
+use crate::core::{FlowId, Router, SocketAction};
+use crate::tunnel::{self, TunnelError, TunnelHandle};
+
+/// Most packets taken from the tunnel in one wake-up before other inputs get
+/// a turn.
+const TUNNEL_BATCH: usize = 64;
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The tunnel transport could not start.
     #[error(transparent)]
-    Tunnel(#[from] crate::tunnel::TunnelError),
+    Tunnel(#[from] TunnelError),
+    /// The tunnel transport stopped on its own.
+    #[error("the tunnel transport stopped unexpectedly")]
+    TunnelClosed,
 }
 
-/// Runs the gateway until `shutdown` completes.
-pub async fn run(
-    config: Config,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), RunError> {
-    let _tunnel = crate::tunnel::start(&config).await?;
-    shutdown.await;
-    Ok(())
+/// Runs a gateway for `config` until `shutdown` completes.
+///
+/// Returns an error at once if the configuration is invalid or the tunnel
+/// socket cannot be bound, so a front end can report it before anything
+/// else happens. Must be called within a tokio runtime.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    config.validate()?;
+    let tunnel = tunnel::start(&config).await?;
+    tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
+    Driver::new(&config, tunnel).run(shutdown).await
+}
+
+/// What host sockets report to the router task.
+#[derive(Debug)]
+enum HostEvent {
+    /// A datagram arrived on a flow's UDP socket.
+    UdpDatagram {
+        flow: FlowId,
+        from: std::net::SocketAddr,
+        payload: bytes::Bytes,
+    },
+}
+
+struct Driver {
+    router: Router,
+    tunnel: TunnelHandle,
+    udp: udp::UdpSockets,
+    events: mpsc::Receiver<HostEvent>,
+}
+
+impl Driver {
+    fn new(config: &Config, tunnel: TunnelHandle) -> Self {
+        let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
+        Driver {
+            router: Router::new(config),
+            tunnel,
+            udp: udp::UdpSockets::new(events_tx),
+            events,
+        }
+    }
+
+    async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = self.router.poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    tracing::info!(stats = ?self.router.stats(), "shutting down");
+                    return Ok(());
+                }
+                packet = self.tunnel.incoming.recv() => {
+                    let packet = packet.ok_or(RunError::TunnelClosed)?;
+                    let now = Instant::now();
+                    self.router.handle_packet(now, &packet);
+                    for _ in 1..TUNNEL_BATCH {
+                        let Ok(packet) = self.tunnel.incoming.try_recv() else { break };
+                        self.router.handle_packet(now, &packet);
+                    }
+                }
+                Some(event) = self.events.recv() => {
+                    match event {
+                        HostEvent::UdpDatagram { flow, from, payload } => {
+                            self.router.handle_udp_datagram(Instant::now(), flow, from, &payload);
+                        }
+                    }
+                }
+                () = timer => self.router.handle_timeout(Instant::now()),
+            }
+            self.drain()?;
+        }
+    }
+
+    /// Carries out every pending output of the router.
+    fn drain(&mut self) -> Result<(), RunError> {
+        while let Some(action) = self.router.poll_socket_action() {
+            match action {
+                SocketAction::UdpOpen { flow, ipv6 } => {
+                    if let Err(error) = self.udp.open(flow, ipv6) {
+                        tracing::warn!(flow = flow.0, %error, "cannot open a UDP socket");
+                        self.router.handle_udp_failed(Instant::now(), flow);
+                    }
+                }
+                SocketAction::UdpSend {
+                    flow,
+                    dest,
+                    payload,
+                } => self.udp.send(flow, dest, &payload),
+                SocketAction::UdpClose { flow } => self.udp.close(flow),
+            }
+        }
+        // Packets wait in the router's bounded queue until the tunnel has
+        // room; the router drops (and counts) what does not fit there.
+        loop {
+            let permit = match self.tunnel.outgoing.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(RunError::TunnelClosed),
+            };
+            let Some(packet) = self.router.poll_transmit() else {
+                break;
+            };
+            permit.send(packet);
+        }
+        Ok(())
+    }
 }

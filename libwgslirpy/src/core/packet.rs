@@ -1,0 +1,377 @@
+//! Parsing and building IP packets, on top of `smoltcp::wire`.
+//!
+//! Every packet from a peer goes through [`parse`] once: the IP header is
+//! checked (version, lengths, IPv4 header checksum) and the transport header
+//! that the router acts on is checked too (lengths and checksum). Anything
+//! that fails is a [`Drop`] reason, never a panic: smoltcp's checked views
+//! guarantee that no accessor panics after `new_checked`.
+//!
+//! The builders emit complete packets, checksums included, into a fresh
+//! buffer of exactly the right size.
+//!
+//! Not handled here yet: IP fragments and IPv6 extension headers are
+//! reported as [`Drop::Unsupported`].
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::BytesMut;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+};
+
+/// The hop limit of packets that the router originates.
+pub const HOP_LIMIT: u8 = 64;
+
+/// A packet from a peer, parsed far enough for the router to act on it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed<'a> {
+    /// A UDP datagram.
+    Udp {
+        /// The peer-side endpoint.
+        src: SocketAddr,
+        /// Where the peer sent it.
+        dst: SocketAddr,
+        /// The datagram's payload.
+        payload: &'a [u8],
+    },
+    /// An ICMP or ICMPv6 echo request.
+    EchoRequest {
+        /// The peer's address.
+        src: IpAddr,
+        /// The address pinged.
+        dst: IpAddr,
+        /// Echo identifier.
+        ident: u16,
+        /// Echo sequence number.
+        seq_no: u16,
+        /// Echo payload, returned unchanged in the reply.
+        data: &'a [u8],
+    },
+    /// A well-formed packet of a protocol (or ICMP message) that the router
+    /// does not handle.
+    Other {
+        /// The IP protocol number.
+        protocol: u8,
+    },
+}
+
+/// Why a packet was dropped at parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Too short, inconsistent lengths, bad checksum, unknown version.
+    Malformed,
+    /// Well-formed, but uses something not handled (fragments, extension
+    /// headers).
+    Unsupported,
+}
+
+/// Parses a packet from a peer.
+pub fn parse(packet: &[u8]) -> Result<Parsed<'_>, Drop> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => parse_ipv4(packet),
+        Some(6) => parse_ipv6(packet),
+        _ => Err(Drop::Malformed),
+    }
+}
+
+fn parse_ipv4(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
+    let packet = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    if packet.more_frags() || packet.frag_offset() != 0 {
+        return Err(Drop::Unsupported);
+    }
+    let ip =
+        Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()).map_err(|_| Drop::Malformed)?;
+    let (src, dst) = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
+    let payload = packet.payload();
+    match ip.next_header {
+        IpProtocol::Udp => parse_udp(src, dst, payload),
+        IpProtocol::Icmp => {
+            let icmp = Icmpv4Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
+            match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()) {
+                Ok(Icmpv4Repr::EchoRequest {
+                    ident,
+                    seq_no,
+                    data,
+                }) => Ok(Parsed::EchoRequest {
+                    src,
+                    dst,
+                    ident,
+                    seq_no,
+                    data,
+                }),
+                Ok(_) => Ok(Parsed::Other { protocol: 1 }),
+                Err(_) => Err(Drop::Malformed),
+            }
+        }
+        other => Ok(Parsed::Other {
+            protocol: other.into(),
+        }),
+    }
+}
+
+fn parse_ipv6(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
+    let packet = Ipv6Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    let ip = Ipv6Repr::parse(&packet).map_err(|_| Drop::Malformed)?;
+    let (src, dst) = (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
+    let payload = packet.payload();
+    match ip.next_header {
+        IpProtocol::Udp => parse_udp(src, dst, payload),
+        IpProtocol::Icmpv6 => {
+            let icmp = Icmpv6Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
+            match Icmpv6Repr::parse(
+                &ip.src_addr,
+                &ip.dst_addr,
+                &icmp,
+                &ChecksumCapabilities::default(),
+            ) {
+                Ok(Icmpv6Repr::EchoRequest {
+                    ident,
+                    seq_no,
+                    data,
+                }) => Ok(Parsed::EchoRequest {
+                    src,
+                    dst,
+                    ident,
+                    seq_no,
+                    data,
+                }),
+                Ok(_) => Ok(Parsed::Other { protocol: 58 }),
+                Err(_) => Err(Drop::Malformed),
+            }
+        }
+        IpProtocol::HopByHop
+        | IpProtocol::Ipv6Route
+        | IpProtocol::Ipv6Frag
+        | IpProtocol::Ipv6Opts => Err(Drop::Unsupported),
+        other => Ok(Parsed::Other {
+            protocol: other.into(),
+        }),
+    }
+}
+
+fn parse_udp(src: IpAddr, dst: IpAddr, bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
+    let udp = UdpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    let repr = UdpRepr::parse(
+        &udp,
+        &src.into(),
+        &dst.into(),
+        &ChecksumCapabilities::default(),
+    )
+    .map_err(|_| Drop::Malformed)?;
+    Ok(Parsed::Udp {
+        src: SocketAddr::new(src, repr.src_port),
+        dst: SocketAddr::new(dst, repr.dst_port),
+        payload: udp.payload(),
+    })
+}
+
+/// The size of the UDP packet that [`build_udp`] would emit.
+pub fn udp_packet_len(ipv6: bool, payload_len: usize) -> usize {
+    ip_header_len(ipv6) + 8 + payload_len
+}
+
+fn ip_header_len(ipv6: bool) -> usize {
+    if ipv6 { 40 } else { 20 }
+}
+
+/// Builds a UDP packet from `src` to `dst`, which must be of one IP version.
+/// Returns `None` if the addresses mix versions or the packet would exceed
+/// 65535 bytes.
+pub fn build_udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Option<BytesMut> {
+    let udp_len = 8 + payload.len();
+    let repr = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let (src_ip, dst_ip) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+    build_ip(src.ip(), dst.ip(), IpProtocol::Udp, udp_len, |buf| {
+        repr.emit(
+            &mut UdpPacket::new_unchecked(buf),
+            &src_ip,
+            &dst_ip,
+            payload.len(),
+            |out| out.copy_from_slice(payload),
+            &ChecksumCapabilities::default(),
+        )
+    })
+}
+
+/// Builds the echo reply to an echo request from `peer` to `local`.
+pub fn build_echo_reply(
+    local: IpAddr,
+    peer: IpAddr,
+    ident: u16,
+    seq_no: u16,
+    data: &[u8],
+) -> Option<BytesMut> {
+    match (local, peer) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => {
+            let repr = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            build_ip(local, peer, IpProtocol::Icmp, repr.buffer_len(), |buf| {
+                repr.emit(
+                    &mut Icmpv4Packet::new_unchecked(buf),
+                    &ChecksumCapabilities::default(),
+                )
+            })
+        }
+        (IpAddr::V6(local6), IpAddr::V6(peer6)) => {
+            let repr = Icmpv6Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            build_ip(local, peer, IpProtocol::Icmpv6, repr.buffer_len(), |buf| {
+                repr.emit(
+                    &local6,
+                    &peer6,
+                    &mut Icmpv6Packet::new_unchecked(buf),
+                    &ChecksumCapabilities::default(),
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Emits an IP header for `payload_len` bytes of `protocol`, then lets
+/// `emit_payload` fill the payload.
+fn build_ip(
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: IpProtocol,
+    payload_len: usize,
+    emit_payload: impl FnOnce(&mut [u8]),
+) -> Option<BytesMut> {
+    let total = ip_header_len(src.is_ipv6()) + payload_len;
+    if total > usize::from(u16::MAX) {
+        return None;
+    }
+    let mut buf = BytesMut::zeroed(total);
+    match (src, dst) {
+        (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
+            let repr = Ipv4Repr {
+                src_addr,
+                dst_addr,
+                next_header: protocol,
+                payload_len,
+                hop_limit: HOP_LIMIT,
+            };
+            let mut packet = Ipv4Packet::new_unchecked(&mut buf[..]);
+            repr.emit(&mut packet, &ChecksumCapabilities::default());
+            emit_payload(packet.payload_mut());
+        }
+        (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
+            let repr = Ipv6Repr {
+                src_addr,
+                dst_addr,
+                next_header: protocol,
+                payload_len,
+                hop_limit: HOP_LIMIT,
+            };
+            let mut packet = Ipv6Packet::new_unchecked(&mut buf[..]);
+            repr.emit(&mut packet);
+            emit_payload(packet.payload_mut());
+        }
+        _ => return None,
+    }
+    Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn udp_round_trip_v4_and_v6() {
+        for (src, dst) in [
+            (addr("10.0.0.2:4000"), addr("198.18.0.1:53")),
+            (addr("[fd00::2]:4000"), addr("[fd00:1::1]:53")),
+        ] {
+            let packet = build_udp(src, dst, b"hello").unwrap();
+            assert_eq!(packet.len(), udp_packet_len(src.is_ipv6(), 5));
+            assert_eq!(
+                parse(&packet),
+                Ok(Parsed::Udp {
+                    src,
+                    dst,
+                    payload: b"hello"
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn echo_reply_parses_as_other_icmp() {
+        let local: IpAddr = "10.0.0.1".parse().unwrap();
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let reply = build_echo_reply(local, peer, 7, 9, b"ping").unwrap();
+        assert_eq!(parse(&reply), Ok(Parsed::Other { protocol: 1 }));
+    }
+
+    #[test]
+    fn mixed_versions_build_nothing() {
+        assert!(build_udp(addr("10.0.0.2:1"), addr("[::1]:1"), b"").is_none());
+    }
+
+    #[test]
+    fn oversized_payload_builds_nothing() {
+        let big = vec![0; 65535];
+        assert!(build_udp(addr("10.0.0.2:1"), addr("10.0.0.1:1"), &big).is_none());
+    }
+
+    #[test]
+    fn corrupted_udp_checksum_is_malformed() {
+        let mut packet = build_udp(addr("10.0.0.2:1"), addr("10.0.0.1:2"), b"data").unwrap();
+        let last = packet.len() - 1;
+        packet[last] ^= 0xff;
+        assert_eq!(parse(&packet), Err(Drop::Malformed));
+    }
+
+    #[test]
+    fn ipv4_total_length_zero_is_malformed_not_a_panic() {
+        let mut packet = build_udp(addr("10.0.0.2:1"), addr("10.0.0.1:2"), b"data").unwrap();
+        packet[2] = 0;
+        packet[3] = 0;
+        assert_eq!(parse(&packet), Err(Drop::Malformed));
+    }
+
+    #[test]
+    fn truncations_of_valid_packets_never_panic() {
+        let packets = [
+            build_udp(addr("10.0.0.2:1"), addr("10.0.0.1:2"), b"data").unwrap(),
+            build_udp(addr("[fd00::2]:1"), addr("[fd00::1]:2"), b"data").unwrap(),
+            build_echo_reply(
+                "fd00::1".parse().unwrap(),
+                "fd00::2".parse().unwrap(),
+                1,
+                2,
+                b"x",
+            )
+            .unwrap(),
+        ];
+        for packet in &packets {
+            for len in 0..packet.len() {
+                assert!(parse(&packet[..len]).is_err(), "length {len} parsed");
+            }
+        }
+    }
+
+    #[test]
+    fn fragments_are_unsupported() {
+        let mut packet = build_udp(addr("10.0.0.2:1"), addr("10.0.0.1:2"), b"data").unwrap();
+        let mut view = Ipv4Packet::new_unchecked(&mut packet[..]);
+        view.set_more_frags(true);
+        view.fill_checksum();
+        assert_eq!(parse(&packet), Err(Drop::Unsupported));
+    }
+}

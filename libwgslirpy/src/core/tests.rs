@@ -1,0 +1,284 @@
+//! Router tests: packets in, packets and actions out, on a virtual clock.
+
+use std::time::Duration;
+
+use super::*;
+use crate::config::Transport;
+
+fn config() -> Config {
+    let mut config = Config::new(
+        Transport::RawIp {
+            peer_endpoint: None,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    config.pingable = vec!["10.0.2.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+    config
+}
+
+fn sa(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+fn actions(router: &mut Router) -> Vec<SocketAction> {
+    std::iter::from_fn(|| router.poll_socket_action()).collect()
+}
+
+fn transmitted(router: &mut Router) -> Vec<BytesMut> {
+    std::iter::from_fn(|| router.poll_transmit()).collect()
+}
+
+fn echo_request(src: &str, dst: &str, data: &[u8]) -> BytesMut {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr};
+    let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    // Build a reply with the roles swapped, then turn it into a request.
+    let mut packet = packet::build_echo_reply(src, dst, 0x1234, 7, data).unwrap();
+    let header = if src.is_ipv4() { 20 } else { 40 };
+    let icmp = &mut packet[header..];
+    match (src, dst) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => {
+            let repr = Icmpv4Repr::EchoRequest {
+                ident: 0x1234,
+                seq_no: 7,
+                data,
+            };
+            repr.emit(
+                &mut Icmpv4Packet::new_unchecked(icmp),
+                &ChecksumCapabilities::default(),
+            );
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let repr = Icmpv6Repr::EchoRequest {
+                ident: 0x1234,
+                seq_no: 7,
+                data,
+            };
+            repr.emit(
+                &s,
+                &d,
+                &mut Icmpv6Packet::new_unchecked(icmp),
+                &ChecksumCapabilities::default(),
+            );
+        }
+        _ => unreachable!(),
+    }
+    packet
+}
+
+#[test]
+fn pingable_answers_echo_v4_and_v6() {
+    for (peer, local) in [("10.0.2.15", "10.0.2.1"), ("fd00::2", "fd00::1")] {
+        let mut router = Router::new(&config());
+        let now = Instant::now();
+        router.handle_packet(now, &echo_request(peer, local, b"payload"));
+        let out = transmitted(&mut router);
+        assert_eq!(out.len(), 1);
+        let expected = packet::build_echo_reply(
+            local.parse().unwrap(),
+            peer.parse().unwrap(),
+            0x1234,
+            7,
+            b"payload",
+        )
+        .unwrap();
+        assert_eq!(out[0], expected);
+        assert_eq!(router.stats().echo_replies, 1);
+        assert!(actions(&mut router).is_empty());
+    }
+}
+
+#[test]
+fn echo_to_other_address_is_not_answered() {
+    let mut router = Router::new(&config());
+    router.handle_packet(
+        Instant::now(),
+        &echo_request("10.0.2.15", "10.0.2.99", b"x"),
+    );
+    assert!(transmitted(&mut router).is_empty());
+    assert_eq!(router.stats().dropped_unsupported, 1);
+}
+
+#[test]
+fn udp_flow_opens_once_and_replies_reach_the_peer() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    for dst in [sa("198.18.0.1:7"), sa("198.18.0.2:9")] {
+        router.handle_packet(now, &packet::build_udp(peer, dst, b"hi").unwrap());
+    }
+    let acts = actions(&mut router);
+    let SocketAction::UdpOpen { flow, ipv6: false } = acts[0] else {
+        panic!("expected an open first: {acts:?}");
+    };
+    assert_eq!(
+        acts[1..],
+        [
+            SocketAction::UdpSend {
+                flow,
+                dest: sa("198.18.0.1:7"),
+                payload: Bytes::from_static(b"hi"),
+            },
+            SocketAction::UdpSend {
+                flow,
+                dest: sa("198.18.0.2:9"),
+                payload: Bytes::from_static(b"hi"),
+            },
+        ]
+    );
+
+    // Endpoint-independent: a third party's datagram reaches the peer too.
+    router.handle_udp_datagram(now, flow, sa("198.18.0.3:1234"), b"reply");
+    assert_eq!(
+        transmitted(&mut router),
+        vec![packet::build_udp(sa("198.18.0.3:1234"), peer, b"reply").unwrap()]
+    );
+}
+
+#[test]
+fn udp_reply_from_v4_mapped_address_is_delivered_as_v4() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    router.handle_packet(
+        now,
+        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+    );
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    router.handle_udp_datagram(now, flow, sa("[::ffff:198.18.0.1]:7"), b"a");
+    assert_eq!(
+        transmitted(&mut router),
+        vec![packet::build_udp(sa("198.18.0.1:7"), peer, b"a").unwrap()]
+    );
+}
+
+#[test]
+fn udp_flow_expires_after_idle_timeout_and_traffic_refreshes_it() {
+    let config = config();
+    let idle = config.udp_idle_timeout;
+    let mut router = Router::new(&config);
+    let t0 = Instant::now();
+    let peer = sa("[fd00::2]:5000");
+    router.handle_packet(
+        t0,
+        &packet::build_udp(peer, sa("[fd01::1]:7"), b"q").unwrap(),
+    );
+    let Some(SocketAction::UdpOpen { flow, ipv6: true }) = router.poll_socket_action() else {
+        panic!("no v6 open");
+    };
+    actions(&mut router);
+    assert_eq!(router.poll_timeout(), Some(t0 + idle));
+
+    // A reply halfway refreshes the flow.
+    let half = t0 + idle / 2;
+    router.handle_udp_datagram(half, flow, sa("[fd01::1]:7"), b"a");
+    assert_eq!(transmitted(&mut router).len(), 1);
+    router.handle_timeout(t0 + idle);
+    assert!(actions(&mut router).is_empty());
+    assert_eq!(router.poll_timeout(), Some(half + idle));
+
+    router.handle_timeout(half + idle);
+    assert_eq!(actions(&mut router), vec![SocketAction::UdpClose { flow }]);
+    assert_eq!(router.stats().udp_flows_expired, 1);
+    assert_eq!(router.poll_timeout(), None);
+
+    // A late datagram for the closed flow goes nowhere.
+    router.handle_udp_datagram(half + idle, flow, sa("[fd01::1]:7"), b"late");
+    assert!(transmitted(&mut router).is_empty());
+}
+
+#[test]
+fn full_udp_table_evicts_least_recently_used_flow() {
+    let mut config = config();
+    config.max_udp_flows = 2;
+    let mut router = Router::new(&config);
+    let t0 = Instant::now();
+    let mut opened = Vec::new();
+    for (i, port) in [5000u16, 5001, 5002].into_iter().enumerate() {
+        let src = SocketAddr::new("10.0.2.15".parse().unwrap(), port);
+        let now = t0 + Duration::from_secs(i as u64);
+        router.handle_packet(
+            now,
+            &packet::build_udp(src, sa("198.18.0.1:7"), b"x").unwrap(),
+        );
+        opened.extend(actions(&mut router));
+    }
+    let first_flow = match opened[0] {
+        SocketAction::UdpOpen { flow, .. } => flow,
+        _ => panic!("{opened:?}"),
+    };
+    assert!(opened.contains(&SocketAction::UdpClose { flow: first_flow }));
+    assert_eq!(router.stats().udp_flows_evicted, 1);
+}
+
+#[test]
+fn failed_udp_socket_removes_the_flow() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    router.handle_packet(
+        now,
+        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+    );
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    actions(&mut router);
+    router.handle_udp_failed(now, flow);
+    assert_eq!(router.poll_timeout(), None);
+    router.handle_packet(
+        now,
+        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+    );
+    assert!(matches!(
+        router.poll_socket_action(),
+        Some(SocketAction::UdpOpen { flow: f, .. }) if f != flow
+    ));
+}
+
+#[test]
+fn udp_reply_over_the_mtu_is_dropped_and_counted() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    router.handle_packet(
+        now,
+        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+    );
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    let fits = vec![0; 1420 - 28];
+    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &fits);
+    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &[0; 1420 - 27]);
+    assert_eq!(transmitted(&mut router).len(), 1);
+    assert_eq!(router.stats().dropped_too_big, 1);
+}
+
+#[test]
+fn transmit_queue_is_bounded() {
+    let mut config = config();
+    config.transmit_queue_capacity = 3;
+    let mut router = Router::new(&config);
+    let now = Instant::now();
+    for _ in 0..5 {
+        router.handle_packet(now, &echo_request("10.0.2.15", "10.0.2.1", b"x"));
+    }
+    assert_eq!(transmitted(&mut router).len(), 3);
+    assert_eq!(router.stats().dropped_queue_full, 2);
+}
+
+#[test]
+fn garbage_is_counted_not_fatal() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    for junk in [&[][..], &[0x45][..], &[0x60; 39][..], &[0xff; 100][..]] {
+        router.handle_packet(now, junk);
+    }
+    assert_eq!(router.stats().dropped_malformed, 4);
+    // And the router still works.
+    router.handle_packet(now, &echo_request("10.0.2.15", "10.0.2.1", b"x"));
+    assert_eq!(transmitted(&mut router).len(), 1);
+}
