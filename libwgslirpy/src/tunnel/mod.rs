@@ -42,6 +42,7 @@ pub struct TunnelHandle {
 }
 
 /// What keeps a transport alive.
+#[cfg_attr(not(test), expect(dead_code, reason = "held only to be dropped"))]
 enum Running {
     WireGuard(wireguard::Running),
     RawIp(rawip::Running),
