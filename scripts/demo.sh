@@ -31,7 +31,7 @@ cleanup() {
   sleep 0.2
   for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null; done
   for ns in "$PEER" "$GW" "$NET"; do ip netns del "$ns" 2>/dev/null; done
-  rm -rf "/etc/netns/$GW"
+  rm -rf "/etc/netns/$GW" "/var/run/wireguard/$WG_DEV.sock"
   [ -z "$WORK" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -85,7 +85,7 @@ echo "gateway public key: $GW_PUB"
 echo "peer public key:    $PEER_PUB"
 
 step "Starting the UDP echo server in $NET"
-in_ns "$NET" python3 -c '
+ip netns exec "$NET" python3 -c '
 import socket, select
 socks = []
 for family, addr in ((socket.AF_INET, "198.18.1.2"), (socket.AF_INET6, "fd00:1::2")):
@@ -97,13 +97,13 @@ while True:
 PIDS+=($!)
 
 step "Starting wgslirpy in $GW as user nobody"
-in_ns "$GW" setpriv --reuid=nobody --regid=nogroup --clear-groups \
-  env RUST_LOG=info "$WORK/wgslirpy" -f "$WORK/gw.key" -K "$PEER_PUB" \
+ip netns exec "$GW" setpriv --reuid=nobody --regid=nogroup --clear-groups \
+  "$WORK/wgslirpy" -f "$WORK/gw.key" -K "$PEER_PUB" \
   -b 198.18.0.2:51821 -P 10.0.2.1 -P fd00::1 &
 PIDS+=($!)
 
 step "Starting the wireguard-go peer in $PEER"
-in_ns "$PEER" env WG_PROCESS_FOREGROUND=1 wireguard-go "$WG_DEV" >"$WORK/wireguard-go.log" 2>&1 &
+ip netns exec "$PEER" env WG_PROCESS_FOREGROUND=1 wireguard-go "$WG_DEV" >"$WORK/wireguard-go.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do [ -S "/var/run/wireguard/$WG_DEV.sock" ] && break; sleep 0.1; done
 in_ns "$PEER" wg set "$WG_DEV" private-key "$WORK/peer.key" \

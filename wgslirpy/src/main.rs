@@ -84,12 +84,17 @@ fn serve(config: libwgslirpy::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs to stderr, filtered by `RUST_LOG`. The default shows our own
+/// `info` lines and only warnings from gotatun, whose `info` lines say
+/// nothing a user can act on.
 fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,gotatun=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

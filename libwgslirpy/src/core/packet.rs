@@ -89,6 +89,10 @@ fn parse_ipv4(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
         IpProtocol::Udp => parse_udp(src, dst, payload),
         IpProtocol::Icmp => {
             let icmp = Icmpv4Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
+            if !icmp.verify_checksum() {
+                return Err(Drop::Malformed);
+            }
+            // A message that smoltcp has no representation for is not malformed.
             match Icmpv4Repr::parse(&icmp, &ChecksumCapabilities::default()) {
                 Ok(Icmpv4Repr::EchoRequest {
                     ident,
@@ -101,8 +105,7 @@ fn parse_ipv4(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
                     seq_no,
                     data,
                 }),
-                Ok(_) => Ok(Parsed::Other { protocol: 1 }),
-                Err(_) => Err(Drop::Malformed),
+                _ => Ok(Parsed::Other { protocol: 1 }),
             }
         }
         other => Ok(Parsed::Other {
@@ -120,6 +123,9 @@ fn parse_ipv6(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
         IpProtocol::Udp => parse_udp(src, dst, payload),
         IpProtocol::Icmpv6 => {
             let icmp = Icmpv6Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
+            if !icmp.verify_checksum(&ip.src_addr, &ip.dst_addr) {
+                return Err(Drop::Malformed);
+            }
             match Icmpv6Repr::parse(
                 &ip.src_addr,
                 &ip.dst_addr,
@@ -137,8 +143,7 @@ fn parse_ipv6(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
                     seq_no,
                     data,
                 }),
-                Ok(_) => Ok(Parsed::Other { protocol: 58 }),
-                Err(_) => Err(Drop::Malformed),
+                _ => Ok(Parsed::Other { protocol: 58 }),
             }
         }
         IpProtocol::HopByHop

@@ -61,7 +61,11 @@ impl UdpSockets {
         let Some(flow_socket) = self.sockets.get(&flow) else {
             return;
         };
-        if let Err(error) = flow_socket.socket.try_send_to(payload, dest) {
+        // Straight to the non-blocking socket: tokio's `try_send_to` reports
+        // WouldBlock until the reactor has seen the socket writable once,
+        // which would drop the first datagram of every flow.
+        let socket = socket2::SockRef::from(&*flow_socket.socket);
+        if let Err(error) = socket.send_to(payload, &dest.into()) {
             tracing::debug!(flow = flow.0, %dest, %error, "UDP send failed; datagram dropped");
         }
     }

@@ -52,7 +52,7 @@ enum Running {
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     /// The tunnel's UDP socket could not be bound.
-    #[error("cannot bind the tunnel socket to {addr}: {source}")]
+    #[error("cannot bind the tunnel socket to {addr}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
