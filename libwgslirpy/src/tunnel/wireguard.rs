@@ -325,29 +325,10 @@ mod tests {
         }
     }
 
-    /// A minimal IPv4/UDP packet from `src` to `dst` carrying `payload`.
+    /// An IPv4/UDP packet from `src` to `dst` carrying `payload`.
     fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> BytesMut {
-        let total = 20 + 8 + payload.len();
-        let mut p = vec![0u8; total];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&src.octets());
-        p[16..20].copy_from_slice(&dst.octets());
-        let mut sum: u32 = p[..20]
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-        p[20..22].copy_from_slice(&1234u16.to_be_bytes());
-        p[22..24].copy_from_slice(&5678u16.to_be_bytes());
-        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        p[28..].copy_from_slice(payload);
-        BytesMut::from(&p[..])
+        let (src, dst) = (SocketAddr::from((src, 1234)), SocketAddr::from((dst, 5678)));
+        crate::core::packet::build_udp(src, dst, payload).expect("small IPv4 packet")
     }
 
     #[tokio::test]
@@ -516,6 +497,93 @@ mod tests {
                 "port still bound after drop"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A flood of handshake initiations from one address (from a key the
+    /// device does not know) makes the device answer with cookie replies
+    /// instead of doing Diffie-Hellman, and a real peer still gets through.
+    #[tokio::test]
+    async fn handshake_flood_gets_cookie_replies_and_real_peer_survives() {
+        use gotatun::noise::Tunn;
+        use gotatun::noise::index_table::IndexTable;
+        use gotatun::noise::rate_limiter::RateLimiter;
+
+        /// WireGuard's message type of a cookie reply.
+        const COOKIE_REPLY: u8 = 3;
+
+        let (server_private, server_public) = key_pair();
+        let (client_private, client_public) = key_pair();
+        let mut server = super::super::start(&config(
+            server_private,
+            peer(client_public, None, "10.0.0.2/32"),
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+
+        // The attacker knows the server's public key (so MAC1 is valid)
+        // but is not a configured peer.
+        let (attacker_private, attacker_public) = key_pair();
+        let mut attacker = Tunn::new(
+            x25519::StaticSecret::from(attacker_private.0),
+            x25519::PublicKey::from(server_public.0),
+            None,
+            None,
+            IndexTable::from_os_rng(),
+            Arc::new(RateLimiter::new(
+                &x25519::PublicKey::from(attacker_public.0),
+                100,
+            )),
+        );
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..400 {
+            let init = attacker.format_handshake_initiation(true).unwrap();
+            let bytes: Packet = init.into();
+            socket.send_to(&bytes, server.local_addr).await.unwrap();
+        }
+        let mut cookie_replies = 0;
+        let mut buf = [0u8; 256];
+        while let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await
+        {
+            assert!(len > 0);
+            if buf[0] == COOKIE_REPLY {
+                cookie_replies += 1;
+            }
+        }
+        assert!(
+            cookie_replies > 0,
+            "no cookie reply to 400 handshakes from one source"
+        );
+
+        // The real peer, from another source port but the same address,
+        // still completes a handshake once the rate limit window passes.
+        let mut client = super::super::start(&config(
+            client_private,
+            peer(server_public, Some(server.local_addr), "0.0.0.0/0"),
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+        let packet = ipv4_udp(
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(192, 0, 2, 1),
+            b"hi",
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = client.outgoing.try_send(packet.clone());
+            if let Ok(Some(got)) =
+                tokio::time::timeout(Duration::from_millis(500), server.incoming.recv()).await
+            {
+                assert_eq!(got, packet);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "real peer locked out"
+            );
         }
     }
 }
