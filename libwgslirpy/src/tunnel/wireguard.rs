@@ -559,7 +559,7 @@ mod tests {
 
         // The real peer, from another source port but the same address,
         // still completes a handshake once the rate limit window passes.
-        let mut client = super::super::start(&config(
+        let client = super::super::start(&config(
             client_private,
             peer(server_public, Some(server.local_addr), "0.0.0.0/0"),
             "127.0.0.1:0".parse().unwrap(),
