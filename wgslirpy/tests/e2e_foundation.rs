@@ -58,6 +58,35 @@ fn handshake_and_ping_v4_v6() {
     ping_both(&rig);
 }
 
+/// `-a`: the gateway keeps the tunnel alive on its own. The peer has no keepalive and sends
+/// nothing after the handshake, yet keepalive messages (32 bytes each) keep arriving.
+#[test]
+fn gateway_persistent_keepalive() {
+    let Some(rig) = Rig::builder("gateway_persistent_keepalive")
+        .gateway_keepalive(Some(1))
+        .peer_endpoint(false)
+        .peer_keepalive(None)
+        .start()
+    else {
+        return;
+    };
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    let received = || {
+        let gw = rig.gateway_keys().public.clone();
+        rig.transfer(&rig.wg_dev)
+            .into_iter()
+            .find(|(key, _, _)| *key == gw)
+            .map_or(0, |(_, rx, _)| rx)
+    };
+    let before = received();
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = received();
+    assert!(
+        after >= before + 2 * 32,
+        "expected at least two keepalives in 3.5 s with -a 1: received {before} then {after} bytes"
+    );
+}
+
 /// The gateway has no `-p`: it must learn the endpoint from the peer's handshake.
 #[test]
 fn responder_only() {
