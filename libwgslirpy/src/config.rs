@@ -181,6 +181,9 @@ pub struct Config {
     pub max_udp_flows: usize,
     /// A UDP flow with no traffic either way for this long is closed.
     pub udp_idle_timeout: Duration,
+    /// Where to serve WireGuard's configuration protocol, for `wg show`
+    /// (`--uapi-socket`). WireGuard transport only.
+    pub uapi_socket: Option<std::path::PathBuf>,
 }
 
 /// Smallest tunnel MTU accepted: IPv6's minimum link MTU.
@@ -201,6 +204,7 @@ impl Config {
             incoming_tcp: Vec::new(),
             max_udp_flows: 4096,
             udp_idle_timeout: Duration::from_secs(180),
+            uapi_socket: None,
         }
     }
 
@@ -234,6 +238,12 @@ impl Config {
             && peers.is_empty()
         {
             return Err(ConfigError::NoPeers);
+        }
+        if matches!(self.transport, Transport::RawIp { .. }) && self.uapi_socket.is_some() {
+            return Err(ConfigError::OutOfRange {
+                setting: "--uapi-socket",
+                why: "raw IP mode has no WireGuard state to show".into(),
+            });
         }
         Ok(())
     }

@@ -110,6 +110,11 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
     udp_idle_timeout: u64,
 
+    /// Serve WireGuard's configuration protocol on this UNIX socket, so that `wg show` works:
+    /// with /var/run/wireguard/NAME.sock, `wg show NAME` reports the peers and their state.
+    #[arg(long, value_name = "PATH")]
+    uapi_socket: Option<PathBuf>,
+
     /// Forward this host UDP port into the WireGuard network: HOST,SOURCE,DEST, where
     /// SOURCE may be empty. Repeatable. Example: -u 0.0.0.0:1234,10.0.2.1:1234,10.0.2.15:1234
     #[arg(short = 'u', long, value_name = "HOST,SOURCE,DEST")]
@@ -137,6 +142,7 @@ impl GatewayArgs {
         config.udp_idle_timeout = Duration::from_secs(self.udp_idle_timeout);
         config.incoming_udp = self.incoming_udp;
         config.incoming_tcp = self.incoming_tcp;
+        config.uapi_socket = self.uapi_socket;
         config.validate()?;
         Ok(config)
     }

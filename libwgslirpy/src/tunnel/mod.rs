@@ -14,6 +14,7 @@
 //! tunnel never stalls the router. Dropping the handle stops the transport.
 
 pub mod rawip;
+mod uapi;
 pub mod wireguard;
 
 use std::io;
@@ -56,6 +57,15 @@ pub enum TunnelError {
     Bind {
         /// The address asked for.
         addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The configuration socket could not be bound.
+    #[error("cannot serve the configuration socket {}", path.display())]
+    Uapi {
+        /// The path asked for.
+        path: std::path::PathBuf,
         /// What the OS said.
         #[source]
         source: io::Error,

@@ -76,6 +76,8 @@ pub(super) struct Running {
     _handshakes: JoinSet<()>,
     /// The device itself.
     _device: Arc<WgDevice>,
+    /// The configuration socket, if one was asked for.
+    _uapi: Option<super::uapi::UapiSocket>,
 }
 
 /// Starts the WireGuard transport: builds a gotatun device with `key` and
@@ -109,7 +111,19 @@ pub(super) async fn start(
         device_peer
     });
 
-    let device = device::build()
+    let (uapi_server, uapi_socket) = match &config.uapi_socket {
+        Some(path) => {
+            let (server, socket) =
+                super::uapi::serve(path).map_err(|source| TunnelError::Uapi {
+                    path: path.clone(),
+                    source,
+                })?;
+            (Some(server), Some(socket))
+        }
+        None => (None, None),
+    };
+
+    let builder = device::build()
         .with_udp(ExactBind {
             ip: config.bind.ip(),
         })
@@ -123,16 +137,18 @@ pub(super) async fn start(
         )
         .with_private_key(x25519::StaticSecret::from(key.0))
         .with_listen_port(config.bind.port())
-        .with_peers(device_peers)
-        .build()
-        .await
-        .map_err(|error| match error {
-            device::Error::Bind(source, _) => TunnelError::Bind {
-                addr: config.bind,
-                source,
-            },
-            other => TunnelError::WireGuard(other.to_string()),
-        })?;
+        .with_peers(device_peers);
+    let builder = match uapi_server {
+        Some(server) => builder.with_uapi(server),
+        None => builder,
+    };
+    let device = builder.build().await.map_err(|error| match error {
+        device::Error::Bind(source, _) => TunnelError::Bind {
+            addr: config.bind,
+            source,
+        },
+        other => TunnelError::WireGuard(other.to_string()),
+    })?;
     let device = Arc::new(device);
 
     // The device records the port it bound (useful when asked for port 0).
@@ -158,6 +174,7 @@ pub(super) async fn start(
         _running: super::Running::WireGuard(Running {
             _handshakes: handshakes,
             _device: device,
+            _uapi: uapi_socket,
         }),
     })
 }
