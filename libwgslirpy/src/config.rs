@@ -168,6 +168,15 @@ pub struct Config {
     pub pingable: Vec<IpAddr>,
     /// Address inside the tunnel of the DNS server (`-D`).
     pub dns: Option<SocketAddr>,
+    /// A DNS query not answered within this time gets SERVFAIL
+    /// (`--dns-timeout`).
+    pub dns_timeout: Duration,
+    /// Most DNS queries waiting for the resolver or a nameserver at once;
+    /// more get SERVFAIL (`--max-dns-queries`).
+    pub max_dns_queries: usize,
+    /// Threads that may block in the host resolver (getaddrinfo) at once
+    /// (`--resolver-threads`).
+    pub resolver_threads: usize,
     /// Per-connection TCP buffering bound, in bytes (`--tcp-buffer-size`).
     pub tcp_buffer_size: usize,
     /// Packets that may wait for the tunnel before new ones are dropped
@@ -181,6 +190,18 @@ pub struct Config {
     pub max_udp_flows: usize,
     /// A UDP flow with no traffic either way for this long is closed.
     pub udp_idle_timeout: Duration,
+    /// Most TCP connections at once; new ones beyond it get RST
+    /// (`--max-tcp-connections`).
+    pub max_tcp_connections: usize,
+    /// Most TCP connects waiting for the destination at once; new ones
+    /// beyond it get RST (`--max-tcp-pending-connects`).
+    pub max_tcp_pending_connects: usize,
+    /// A TCP connect not answered within this time is dropped quietly
+    /// (`--tcp-connect-timeout`).
+    pub tcp_connect_timeout: Duration,
+    /// A TCP connection with no traffic either way for this long is reset
+    /// (`--tcp-idle-timeout`).
+    pub tcp_idle_timeout: Duration,
     /// Where to serve WireGuard's configuration protocol, for `wg show`
     /// (`--uapi-socket`). WireGuard transport only.
     pub uapi_socket: Option<std::path::PathBuf>,
@@ -198,12 +219,19 @@ impl Config {
             mtu: 1420,
             pingable: Vec::new(),
             dns: None,
+            dns_timeout: Duration::from_secs(5),
+            max_dns_queries: 256,
+            resolver_threads: 4,
             tcp_buffer_size: 65535,
             transmit_queue_capacity: 256,
             incoming_udp: Vec::new(),
             incoming_tcp: Vec::new(),
             max_udp_flows: 4096,
             udp_idle_timeout: Duration::from_secs(180),
+            max_tcp_connections: 16384,
+            max_tcp_pending_connects: 1024,
+            tcp_connect_timeout: Duration::from_secs(30),
+            tcp_idle_timeout: Duration::from_secs(7200),
             uapi_socket: None,
         }
     }
@@ -233,6 +261,46 @@ impl Config {
                 setting: "max UDP flows",
                 why: "it must be at least 1".into(),
             });
+        }
+        if self.dns_timeout.is_zero() {
+            return Err(ConfigError::OutOfRange {
+                setting: "--dns-timeout",
+                why: "it must be more than 0".into(),
+            });
+        }
+        if self.max_dns_queries == 0 {
+            return Err(ConfigError::OutOfRange {
+                setting: "--max-dns-queries",
+                why: "it must be at least 1".into(),
+            });
+        }
+        if self.resolver_threads == 0 {
+            return Err(ConfigError::OutOfRange {
+                setting: "--resolver-threads",
+                why: "it must be at least 1".into(),
+            });
+        }
+        for (setting, value) in [
+            ("--max-tcp-connections", self.max_tcp_connections),
+            ("--max-tcp-pending-connects", self.max_tcp_pending_connects),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::OutOfRange {
+                    setting,
+                    why: "it must be at least 1".into(),
+                });
+            }
+        }
+        for (setting, value) in [
+            ("--tcp-connect-timeout", self.tcp_connect_timeout),
+            ("--tcp-idle-timeout", self.tcp_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::OutOfRange {
+                    setting,
+                    why: "it must be more than 0".into(),
+                });
+            }
         }
         if let Transport::WireGuard { peers, .. } = &self.transport
             && peers.is_empty()

@@ -81,9 +81,25 @@ pub struct GatewayArgs {
     #[arg(short = 'b', long, value_name = "IP:PORT", required = true)]
     bind_ip_port: Option<SocketAddr>,
 
-    /// Use this UDP socket address as a simple A/AAAA-only DNS server within the WireGuard network.
+    /// Serve DNS over UDP at this address within the WireGuard network: A and AAAA from the
+    /// host's resolver (so /etc/hosts applies), other types forwarded to the nameservers of
+    /// /etc/resolv.conf (NOTIMP if it names none).
     #[arg(short = 'D', long, value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
+
+    /// Answer a DNS query SERVFAIL if the resolver or the nameservers have not answered
+    /// within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    dns_timeout: u64,
+
+    /// Most DNS queries in flight at once; more are answered SERVFAIL at once.
+    #[arg(long, value_name = "QUERIES", default_value_t = 256)]
+    max_dns_queries: usize,
+
+    /// Threads that may wait in the host resolver (getaddrinfo) at once; further A/AAAA
+    /// queries wait for one.
+    #[arg(long, value_name = "THREADS", default_value_t = 4)]
+    resolver_threads: usize,
 
     /// Reply to ICMP pings on this address within the WireGuard network. Repeatable
     /// (for example one IPv4 and one IPv6 address).
@@ -109,6 +125,26 @@ pub struct GatewayArgs {
     /// Close a UDP flow after this many seconds without traffic in either direction.
     #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
     udp_idle_timeout: u64,
+
+    /// Most TCP connections at once (closing ones included); new connections beyond it are
+    /// refused with RST. Existing connections are never closed to make room.
+    #[arg(long, value_name = "CONNECTIONS", default_value_t = 16384)]
+    max_tcp_connections: usize,
+
+    /// Most TCP connections waiting for their destination to answer at once; new ones beyond
+    /// it are refused with RST.
+    #[arg(long, value_name = "CONNECTIONS", default_value_t = 1024)]
+    max_tcp_pending_connects: usize,
+
+    /// Give up a TCP connect that the destination has not answered after this many seconds;
+    /// the peer's SYN is left unanswered (as a lost packet would be).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    tcp_connect_timeout: u64,
+
+    /// Reset a TCP connection after this many seconds without traffic in either direction
+    /// (at most 600 once either side has closed its half).
+    #[arg(long, value_name = "SECONDS", default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..))]
+    tcp_idle_timeout: u64,
 
     /// Serve WireGuard's configuration protocol on this UNIX socket, so that `wg show` works:
     /// with /var/run/wireguard/NAME.sock, `wg show NAME` reports the peers and their state.
@@ -136,10 +172,17 @@ impl GatewayArgs {
         config.mtu = self.mtu;
         config.pingable = self.pingable;
         config.dns = self.dns;
+        config.dns_timeout = Duration::from_secs(self.dns_timeout);
+        config.max_dns_queries = self.max_dns_queries;
+        config.resolver_threads = self.resolver_threads;
         config.tcp_buffer_size = self.tcp_buffer_size;
         config.transmit_queue_capacity = self.transmit_queue_capacity;
         config.max_udp_flows = self.max_udp_flows;
         config.udp_idle_timeout = Duration::from_secs(self.udp_idle_timeout);
+        config.max_tcp_connections = self.max_tcp_connections;
+        config.max_tcp_pending_connects = self.max_tcp_pending_connects;
+        config.tcp_connect_timeout = Duration::from_secs(self.tcp_connect_timeout);
+        config.tcp_idle_timeout = Duration::from_secs(self.tcp_idle_timeout);
         config.incoming_udp = self.incoming_udp;
         config.incoming_tcp = self.incoming_tcp;
         config.uapi_socket = self.uapi_socket;
@@ -331,6 +374,75 @@ mod tests {
             panic!("not WireGuard");
         };
         assert_eq!(private_key.to_base64(), PRIVATE);
+    }
+
+    #[test]
+    fn tcp_limits_parse_and_zero_is_refused() {
+        let base = ["-k", PRIVATE, "-K", PEER, "-b", "127.0.0.1:1"];
+        let config = parse(&base).unwrap();
+        assert_eq!(config.max_tcp_connections, 16384);
+        assert_eq!(config.tcp_idle_timeout, Duration::from_secs(7200));
+        let mut args = base.to_vec();
+        args.extend([
+            "--max-tcp-connections",
+            "10",
+            "--max-tcp-pending-connects",
+            "5",
+            "--tcp-connect-timeout",
+            "3",
+            "--tcp-idle-timeout",
+            "60",
+        ]);
+        let config = parse(&args).unwrap();
+        assert_eq!(
+            (
+                config.max_tcp_connections,
+                config.max_tcp_pending_connects,
+                config.tcp_connect_timeout,
+                config.tcp_idle_timeout
+            ),
+            (10, 5, Duration::from_secs(3), Duration::from_secs(60))
+        );
+        let mut zero = base.to_vec();
+        zero.extend(["--max-tcp-connections", "0"]);
+        let error = parse(&zero).unwrap_err().to_string();
+        assert!(error.starts_with("--max-tcp-connections"), "{error}");
+    }
+
+    #[test]
+    fn dns_settings() {
+        let base = [
+            "-k",
+            PRIVATE,
+            "-K",
+            PEER,
+            "-b",
+            "127.0.0.1:1",
+            "-D",
+            "10.0.2.3:53",
+        ];
+        let config = parse(&base).unwrap();
+        assert_eq!(config.dns, Some("10.0.2.3:53".parse().unwrap()));
+        assert_eq!(config.dns_timeout, Duration::from_secs(5));
+        let mut args = base.to_vec();
+        args.extend([
+            "--dns-timeout",
+            "2",
+            "--max-dns-queries",
+            "10",
+            "--resolver-threads",
+            "1",
+        ]);
+        let config = parse(&args).unwrap();
+        assert_eq!(config.dns_timeout, Duration::from_secs(2));
+        assert_eq!((config.max_dns_queries, config.resolver_threads), (10, 1));
+        let mut zero = base.to_vec();
+        zero.extend(["--resolver-threads", "0"]);
+        let error = parse(&zero).unwrap_err().to_string();
+        assert!(error.starts_with("--resolver-threads"), "{error}");
+        let mut zero = base.to_vec();
+        zero.extend(["--dns-timeout", "0"]);
+        assert!(parse(&zero).is_err());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! removes those idle for longer than the idle timeout. Both report what they
 //! removed, so the caller can close the matching sockets.
 //!
+//! [`FlowTable::try_insert`] refuses instead of evicting, for TCP, where
+//! closing a live connection to make room is worse than refusing a new one.
+//!
 //! Costs: lookup by key or id is a hash probe; a touch or an insert is
 //! O(log n) in the activity index.
 
@@ -66,6 +69,29 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
     /// The key and value of flow `id`.
     pub fn get(&self, id: FlowId) -> Option<(&K, &V)> {
         self.entries.get(&id).map(|e| (&e.key, &e.value))
+    }
+
+    /// The key and a mutable reference to the value of flow `id`.
+    pub fn get_mut(&mut self, id: FlowId) -> Option<(&K, &mut V)> {
+        self.entries.get_mut(&id).map(|e| (&e.key, &mut e.value))
+    }
+
+    /// Whether the table holds `capacity` flows.
+    pub fn is_full(&self) -> bool {
+        self.entries.len() >= self.capacity
+    }
+
+    /// Adds a flow for `key`, which must not be in the table, unless the
+    /// table is full: then nothing is evicted and `value` comes back. For
+    /// protocols where dropping a live flow is worse than refusing a new
+    /// one (TCP).
+    pub fn try_insert(&mut self, key: K, value: V, now: Instant) -> Result<FlowId, V> {
+        if self.is_full() {
+            return Err(value);
+        }
+        let (id, evicted) = self.insert(key, value, now);
+        debug_assert!(evicted.is_none());
+        Ok(id)
     }
 
     /// Marks flow `id` active at `now`. Returns false if there is no such flow.
@@ -169,6 +195,20 @@ mod tests {
         table.expire(t0 + idle, |id, key, _| expired.push((id, key)));
         assert_eq!(expired, vec![(a, "a")]);
         assert_eq!(table.next_expiry(), Some(t0 + Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn try_insert_refuses_instead_of_evicting() {
+        let t0 = Instant::now();
+        let mut table = FlowTable::new(1, Duration::from_secs(60));
+        let a = table.try_insert("a", 1, t0).unwrap();
+        assert!(table.is_full());
+        assert_eq!(table.try_insert("b", 2, t0), Err(2));
+        assert_eq!(table.lookup(&"a"), Some(a));
+        if let Some((_, v)) = table.get_mut(a) {
+            *v = 3;
+        }
+        assert_eq!(table.get(a), Some((&"a", &3)));
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! Methods fall into groups:
 //! - **inputs**, `handle_*`: a packet from a peer
 //!   ([`Router::handle_packet`]), an event from a host socket
-//!   ([`Router::handle_udp_datagram`], [`Router::handle_udp_failed`]), or a
-//!   timer firing ([`Router::handle_timeout`]);
+//!   ([`Router::handle_udp_datagram`], [`Router::handle_udp_failed`]), the
+//!   result of a DNS lookup ([`Router::handle_dns_result`]), or a timer
+//!   firing ([`Router::handle_timeout`]);
 //! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
 //!   actions on host sockets ([`Router::poll_socket_action`]), and the next
 //!   deadline ([`Router::poll_timeout`]);
@@ -23,12 +24,16 @@
 //!
 //! ## What it handles
 //! - ICMP/ICMPv6 echo to the pingable addresses ([`icmp`]);
+//! - UDP to the `-D` address and port: the DNS server ([`dns`]);
+//! - TCP, terminated here and relayed over host sockets ([`tcp`]);
 //! - UDP, through endpoint-independent NAT ([`udp`]);
 //! - everything else is counted and dropped.
 
+pub mod dns;
 pub mod flows;
 pub mod icmp;
 pub mod packet;
+pub mod tcp;
 pub mod udp;
 
 use std::collections::VecDeque;
@@ -37,7 +42,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
+pub use dns::{DnsOutcome, DnsQueryId};
 pub use flows::FlowId;
+pub use tcp::ConnectError;
 
 use crate::Config;
 use packet::Parsed;
@@ -69,6 +76,79 @@ pub enum SocketAction {
         /// The flow whose socket closes.
         flow: FlowId,
     },
+    /// Open a TCP socket for `flow` and connect it to `dest` without
+    /// blocking; report with [`Router::handle_tcp_connected`] or
+    /// [`Router::handle_tcp_connect_failed`] (also when no socket can be
+    /// made). Read nothing before a [`SocketAction::TcpRead`].
+    TcpConnect {
+        /// The flow that owns the socket.
+        flow: FlowId,
+        /// The destination the peer asked for.
+        dest: SocketAddr,
+    },
+    /// Write `data` to the socket of `flow`, after every earlier write:
+    /// what the socket does not take at once waits in the flow's pending
+    /// buffer. Report progress with [`Router::handle_tcp_written`]. The
+    /// core never has more than `--tcp-buffer-size` bytes unwritten.
+    TcpWrite {
+        /// The flow whose socket writes.
+        flow: FlowId,
+        /// The bytes, in stream order.
+        data: Bytes,
+    },
+    /// The socket of `flow` may deliver `max` more bytes (added to what was
+    /// granted before) through [`Router::handle_tcp_data`]. Without credit,
+    /// do not read: the host's sender then blocks.
+    TcpRead {
+        /// The flow whose socket may read.
+        flow: FlowId,
+        /// Bytes added to the flow's credit.
+        max: usize,
+    },
+    /// `shutdown(Write)` the socket of `flow`. Issued only after every
+    /// [`SocketAction::TcpWrite`] was reported written.
+    TcpShutdownWrite {
+        /// The flow whose socket half-closes.
+        flow: FlowId,
+    },
+    /// Close the socket of `flow` (both directions are done, or a connect
+    /// is abandoned). Ignore unknown flows.
+    TcpClose {
+        /// The flow whose socket closes.
+        flow: FlowId,
+    },
+    /// Abort the socket of `flow`: close it with `SO_LINGER` 0, so the host
+    /// side sees a RST. Ignore unknown flows.
+    TcpAbort {
+        /// The flow whose socket is reset.
+        flow: FlowId,
+    },
+    /// Look `name` up with the host's resolver (getaddrinfo, both address
+    /// families at once), without blocking the caller, and report with
+    /// [`Router::handle_dns_result`]: [`DnsOutcome::Addresses`],
+    /// [`DnsOutcome::NoSuchName`] or [`DnsOutcome::Failed`].
+    DnsResolve {
+        /// The query waiting for it.
+        query: DnsQueryId,
+        /// The name, dotted, without a trailing dot.
+        name: String,
+    },
+    /// Send the DNS query `message` to the host's nameservers and report
+    /// the first answer with [`Router::handle_dns_result`]:
+    /// [`DnsOutcome::Upstream`], [`DnsOutcome::NoNameserver`] or
+    /// [`DnsOutcome::Failed`].
+    DnsForward {
+        /// The query waiting for it.
+        query: DnsQueryId,
+        /// The query as the peer sent it.
+        message: Bytes,
+    },
+    /// Stop working on `query`: it has been answered (timed out). Its
+    /// result, if it still comes, is ignored.
+    DnsCancel {
+        /// The query given up on.
+        query: DnsQueryId,
+    },
 }
 
 /// Counters of what the router has done and dropped.
@@ -94,6 +174,55 @@ pub struct Stats {
     pub udp_flows_evicted: u64,
     /// UDP flows closed after their idle timeout.
     pub udp_flows_expired: u64,
+    /// Datagrams to the DNS server.
+    pub dns_queries: u64,
+    /// Datagrams to the DNS server dropped unanswered: no readable header,
+    /// or not a query.
+    pub dns_dropped: u64,
+    /// Queries answered FORMERR or NOTIMP because they were malformed or
+    /// not a standard query.
+    pub dns_errors: u64,
+    /// Queries answered from the host's resolver with NOERROR.
+    pub dns_resolved: u64,
+    /// Queries forwarded to the host's nameservers.
+    pub dns_forwarded: u64,
+    /// Queries answered NXDOMAIN (locally resolved names only).
+    pub dns_nxdomain: u64,
+    /// Queries answered SERVFAIL, for any reason.
+    pub dns_servfail: u64,
+    /// Queries that reached their deadline (and were answered SERVFAIL).
+    pub dns_timeouts: u64,
+    /// Queries refused because too many were in flight (and answered
+    /// SERVFAIL).
+    pub dns_over_capacity: u64,
+    /// Answers sent with TC set because they did not fit.
+    pub dns_truncated: u64,
+    /// TCP connects started for a peer's SYN.
+    pub tcp_connects: u64,
+    /// TCP connects that failed (refused, unreachable, no socket...).
+    pub tcp_connect_failures: u64,
+    /// TCP connects dropped after the connect timeout.
+    pub tcp_connect_timeouts: u64,
+    /// TCP connections that completed the handshake with the peer.
+    pub tcp_established: u64,
+    /// TCP connections closed normally (both directions done).
+    pub tcp_closed: u64,
+    /// SYNs refused because of a connection limit.
+    pub tcp_refused_limit: u64,
+    /// Non-SYN segments for no connection (answered with RST).
+    pub tcp_stray_segments: u64,
+    /// TCP segments dropped: outside the window, or not acceptable.
+    pub tcp_segments_dropped: u64,
+    /// RSTs sent to peers.
+    pub tcp_resets_sent: u64,
+    /// TCP segments sent again (timeouts and fast retransmits).
+    pub tcp_retransmits: u64,
+    /// Fast retransmits after duplicate ACKs.
+    pub tcp_fast_retransmits: u64,
+    /// TCP connections reset after too many retransmission timeouts.
+    pub tcp_retransmit_timeouts: u64,
+    /// TCP connections reset after their idle timeout.
+    pub tcp_idle_closed: u64,
 }
 
 /// The router state machine. See the module documentation.
@@ -101,22 +230,40 @@ pub struct Router {
     mtu: usize,
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
+    dns: Option<dns::DnsServer>,
     transmit: VecDeque<BytesMut>,
     transmit_capacity: usize,
     actions: VecDeque<SocketAction>,
+    tcp: tcp::Tcp,
+    /// The newest `now` any input brought, for lazily made TCP segments.
+    now: Option<Instant>,
     stats: Stats,
 }
 
 impl Router {
     /// A router for `config`, which should have passed [`Config::validate`].
+    ///
+    /// The secret that keys TCP initial sequence numbers (RFC 6528) is drawn
+    /// from the OS's random source; [`Router::with_secret`] takes it instead.
     pub fn new(config: &Config) -> Self {
+        Self::with_secret(config, rand::random())
+    }
+
+    /// A router whose TCP initial sequence numbers are keyed by `secret`:
+    /// deterministic for tests.
+    pub fn with_secret(config: &Config, secret: [u8; 16]) -> Self {
         Router {
             mtu: usize::from(config.mtu),
             pingable: config.pingable.clone(),
             udp: udp::UdpNat::new(config.max_udp_flows, config.udp_idle_timeout),
+            dns: config
+                .dns
+                .map(|addr| dns::DnsServer::new(addr, config.dns_timeout, config.max_dns_queries)),
             transmit: VecDeque::with_capacity(config.transmit_queue_capacity),
             transmit_capacity: config.transmit_queue_capacity,
             actions: VecDeque::new(),
+            tcp: tcp::Tcp::new(config, secret),
+            now: None,
             stats: Stats::default(),
         }
     }
@@ -128,6 +275,7 @@ impl Router {
 
     /// A plain IP packet from a peer.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.now = Some(now);
         self.stats.packets_in += 1;
         let parsed = match packet::parse(packet) {
             Ok(parsed) => parsed,
@@ -143,9 +291,19 @@ impl Router {
             }
         };
         match parsed {
+            Parsed::Udp { src, dst, payload }
+                if self.dns.as_ref().is_some_and(|dns| dns.addr() == dst) =>
+            {
+                self.dns_query(now, src, dst, payload)
+            }
             Parsed::Udp { src, dst, payload } => {
                 self.udp
                     .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+            }
+            Parsed::Tcp { src, dst, segment } => {
+                self.tcp
+                    .segment(now, src, dst, &segment, &mut self.actions, &mut self.stats);
+                self.flush_tcp();
             }
             Parsed::EchoRequest {
                 src,
@@ -202,14 +360,110 @@ impl Router {
         self.udp.remove(flow);
     }
 
+    /// The driver's result for DNS `query`, asked for with
+    /// [`SocketAction::DnsResolve`] or [`SocketAction::DnsForward`]. A result
+    /// for a query that has timed out is ignored.
+    pub fn handle_dns_result(&mut self, _now: Instant, query: DnsQueryId, outcome: DnsOutcome) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        if let Some(answer) = dns.complete(query, outcome, &mut self.stats) {
+            let server = dns.addr();
+            self.transmit_dns(server, answer);
+        }
+    }
+
+    /// The host connect of TCP `flow` succeeded.
+    pub fn handle_tcp_connected(&mut self, now: Instant, flow: FlowId) {
+        self.now = Some(now);
+        self.tcp
+            .connected(now, flow, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+    }
+
+    /// The host connect of TCP `flow` failed, or no socket could be made;
+    /// the driver has dropped the socket.
+    pub fn handle_tcp_connect_failed(&mut self, now: Instant, flow: FlowId, error: ConnectError) {
+        self.now = Some(now);
+        self.tcp.connect_failed(flow, error, &mut self.stats);
+        self.flush_tcp();
+    }
+
+    /// Bytes read from the socket of TCP `flow`, within the credit that
+    /// [`SocketAction::TcpRead`] granted.
+    pub fn handle_tcp_data(&mut self, now: Instant, flow: FlowId, data: &[u8]) {
+        self.now = Some(now);
+        self.tcp
+            .data(now, flow, data, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+    }
+
+    /// The socket of TCP `flow` reached end of stream (the host side shut
+    /// down its writing).
+    pub fn handle_tcp_eof(&mut self, now: Instant, flow: FlowId) {
+        self.now = Some(now);
+        self.tcp.eof(now, flow, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+    }
+
+    /// The socket of TCP `flow` took `n` more bytes of the
+    /// [`SocketAction::TcpWrite`]s.
+    pub fn handle_tcp_written(&mut self, now: Instant, flow: FlowId, n: usize) {
+        self.now = Some(now);
+        self.tcp
+            .written(now, flow, n, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+    }
+
+    /// The socket of TCP `flow` failed or was reset by the host side; the
+    /// driver has dropped it. The peer gets a RST.
+    pub fn handle_tcp_error(&mut self, now: Instant, flow: FlowId) {
+        self.now = Some(now);
+        self.tcp
+            .host_error(flow, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+    }
+
     /// The deadline from [`Router::poll_timeout`] has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.tcp.expire(now, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
         self.udp.expire(now, &mut self.actions, &mut self.stats);
+        if let Some(dns) = self.dns.as_mut() {
+            let mut answers = Vec::new();
+            dns.expire(now, &mut self.actions, &mut self.stats, |answer| {
+                answers.push(answer)
+            });
+            let server = dns.addr();
+            for answer in answers {
+                self.transmit_dns(server, answer);
+            }
+        }
     }
 
     /// The next packet for a peer.
+    ///
+    /// Queued packets come first; then TCP data segments, which are made
+    /// here, one per call, round-robin over the connections that have
+    /// something to send. So call this only when the tunnel has room: TCP
+    /// then sends exactly as fast as the tunnel takes packets.
     pub fn poll_transmit(&mut self) -> Option<BytesMut> {
-        self.transmit.pop_front()
+        if let Some(packet) = self.transmit.pop_front() {
+            return Some(packet);
+        }
+        let now = self.now?;
+        let packet = self
+            .tcp
+            .poll_segment(now, &mut self.actions, &mut self.stats)?;
+        self.stats.packets_out += 1;
+        Some(packet)
+    }
+
+    /// Whether [`Router::poll_transmit`] may return a packet. When it is
+    /// true, `poll_transmit` either returns one or makes it false.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty() || self.tcp.has_ready()
     }
 
     /// The next action on a host socket.
@@ -219,7 +473,50 @@ impl Router {
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.udp.next_expiry()
+        let dns = self.dns.as_ref().and_then(dns::DnsServer::next_deadline);
+        [self.udp.next_expiry(), dns, self.tcp.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// A UDP datagram from `src` to the DNS server at `dst`.
+    fn dns_query(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        let transport_max = self
+            .mtu
+            .saturating_sub(packet::udp_packet_len(dst.is_ipv6(), 0));
+        let client = dns::DnsClient::Udp { peer: src };
+        if let Some(message) = dns.query(
+            now,
+            client,
+            payload,
+            transport_max,
+            &mut self.actions,
+            &mut self.stats,
+        ) {
+            self.transmit_dns(dst, dns::DnsAnswer { client, message });
+        }
+    }
+
+    /// Sends a DNS answer from the server at `server` to its client.
+    fn transmit_dns(&mut self, server: SocketAddr, answer: dns::DnsAnswer) {
+        match answer.client {
+            dns::DnsClient::Udp { peer } => {
+                if let Some(reply) = packet::build_udp(server, peer, &answer.message) {
+                    self.transmit(reply);
+                }
+            }
+        }
+    }
+
+    /// Moves the packets TCP made while handling an input to the queue.
+    fn flush_tcp(&mut self) {
+        while let Some(packet) = self.tcp.pop_packet() {
+            self.transmit(packet);
+        }
     }
 
     fn transmit(&mut self, packet: BytesMut) {
@@ -234,5 +531,9 @@ impl Router {
     }
 }
 
+#[cfg(test)]
+mod dns_tests;
+#[cfg(test)]
+mod tcp_tests;
 #[cfg(test)]
 mod tests;

@@ -17,8 +17,9 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::BytesMut;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// The hop limit of packets that the router originates.
@@ -35,6 +36,15 @@ pub enum Parsed<'a> {
         dst: SocketAddr,
         /// The datagram's payload.
         payload: &'a [u8],
+    },
+    /// A TCP segment, checksum verified.
+    Tcp {
+        /// The peer-side endpoint.
+        src: SocketAddr,
+        /// Where the peer sent it.
+        dst: SocketAddr,
+        /// The segment's header fields and payload.
+        segment: TcpSegment<'a>,
     },
     /// An ICMP or ICMPv6 echo request.
     EchoRequest {
@@ -55,6 +65,39 @@ pub enum Parsed<'a> {
         /// The IP protocol number.
         protocol: u8,
     },
+}
+
+/// The parts of a TCP segment that the router acts on, received or to be
+/// sent. Flags that TCP has no use for here (PSH, URG) are not kept;
+/// options other than MSS and window scale are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpSegment<'a> {
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number, when the ACK flag is set.
+    pub ack: Option<u32>,
+    /// SYN flag.
+    pub syn: bool,
+    /// FIN flag.
+    pub fin: bool,
+    /// RST flag.
+    pub rst: bool,
+    /// Window field, unscaled.
+    pub window: u16,
+    /// Window scale option (SYN segments only).
+    pub wscale: Option<u8>,
+    /// Maximum segment size option (SYN segments only).
+    pub mss: Option<u16>,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+impl TcpSegment<'_> {
+    /// Sequence space taken: payload plus one each for SYN and FIN.
+    pub fn seq_len(&self) -> u32 {
+        // A payload never exceeds 65535 bytes: it came from (or goes into) one IP packet.
+        self.payload.len() as u32 + u32::from(self.syn) + u32::from(self.fin)
+    }
 }
 
 /// Why a packet was dropped at parsing.
@@ -87,6 +130,7 @@ fn parse_ipv4(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
     let payload = packet.payload();
     match ip.next_header {
         IpProtocol::Udp => parse_udp(src, dst, payload),
+        IpProtocol::Tcp => parse_tcp(src, dst, payload),
         IpProtocol::Icmp => {
             let icmp = Icmpv4Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
             if !icmp.verify_checksum() {
@@ -121,6 +165,7 @@ fn parse_ipv6(bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
     let payload = packet.payload();
     match ip.next_header {
         IpProtocol::Udp => parse_udp(src, dst, payload),
+        IpProtocol::Tcp => parse_tcp(src, dst, payload),
         IpProtocol::Icmpv6 => {
             let icmp = Icmpv6Packet::new_checked(payload).map_err(|_| Drop::Malformed)?;
             if !icmp.verify_checksum(&ip.src_addr, &ip.dst_addr) {
@@ -170,6 +215,170 @@ fn parse_udp(src: IpAddr, dst: IpAddr, bytes: &[u8]) -> Result<Parsed<'_>, Drop>
         dst: SocketAddr::new(dst, repr.dst_port),
         payload: udp.payload(),
     })
+}
+
+fn parse_tcp(src: IpAddr, dst: IpAddr, bytes: &[u8]) -> Result<Parsed<'_>, Drop> {
+    let tcp = TcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    // Verifies the checksum; refuses port 0 and flag combinations such as
+    // SYN+FIN or SYN+RST, which no correct stack sends.
+    let repr = TcpRepr::parse(
+        &tcp,
+        &src.into(),
+        &dst.into(),
+        &ChecksumCapabilities::default(),
+    )
+    .map_err(|_| Drop::Malformed)?;
+    let segment = TcpSegment {
+        seq: repr.seq_number.0 as u32,
+        ack: repr.ack_number.map(|a| a.0 as u32),
+        syn: repr.control == TcpControl::Syn,
+        fin: repr.control == TcpControl::Fin,
+        rst: repr.control == TcpControl::Rst,
+        window: repr.window_len,
+        wscale: repr.window_scale,
+        mss: repr.max_seg_size,
+        payload: repr.payload,
+    };
+    Ok(Parsed::Tcp {
+        src: SocketAddr::new(src, repr.src_port),
+        dst: SocketAddr::new(dst, repr.dst_port),
+        segment,
+    })
+}
+
+/// Builds a TCP segment from `src` to `dst` (one IP version). Returns `None`
+/// if the addresses mix versions or the packet would exceed 65535 bytes.
+pub fn build_tcp(src: SocketAddr, dst: SocketAddr, segment: &TcpSegment<'_>) -> Option<BytesMut> {
+    let control = match (segment.syn, segment.fin, segment.rst) {
+        (true, _, _) => TcpControl::Syn,
+        (_, true, _) => TcpControl::Fin,
+        (_, _, true) => TcpControl::Rst,
+        _ if !segment.payload.is_empty() => TcpControl::Psh,
+        _ => TcpControl::None,
+    };
+    let repr = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        control,
+        seq_number: TcpSeqNumber(segment.seq as i32),
+        ack_number: segment.ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: segment.window,
+        window_scale: segment.wscale,
+        max_seg_size: segment.mss,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: segment.payload,
+    };
+    let (src_ip, dst_ip) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+    build_ip(
+        src.ip(),
+        dst.ip(),
+        IpProtocol::Tcp,
+        repr.buffer_len(),
+        |buf| {
+            repr.emit(
+                &mut TcpPacket::new_unchecked(buf),
+                &src_ip,
+                &dst_ip,
+                &ChecksumCapabilities::default(),
+            )
+        },
+    )
+}
+
+/// The size of the TCP packet carrying `payload_len` bytes and no options.
+pub fn tcp_packet_len(ipv6: bool, payload_len: usize) -> usize {
+    ip_header_len(ipv6) + 20 + payload_len
+}
+
+/// Why a destination could not be reached, for
+/// [`build_dst_unreachable_tcp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// No route to the network.
+    Net,
+    /// The host does not answer (no neighbour, or an ICMP error upstream).
+    Host,
+}
+
+/// Builds the ICMP (v4) or ICMPv6 destination-unreachable error telling
+/// `peer` that its TCP SYN with sequence number `syn_seq` to `dest` cannot
+/// be delivered. The error comes from `dest`'s address and quotes the IP
+/// header and the first 8 bytes (ports and sequence number) of the SYN,
+/// which is what a stack needs to match it to the connecting socket.
+pub fn build_dst_unreachable_tcp(
+    peer: SocketAddr,
+    dest: SocketAddr,
+    syn_seq: u32,
+    why: Unreachable,
+) -> Option<BytesMut> {
+    let mut quoted = [0u8; 8];
+    quoted[0..2].copy_from_slice(&peer.port().to_be_bytes());
+    quoted[2..4].copy_from_slice(&dest.port().to_be_bytes());
+    quoted[4..8].copy_from_slice(&syn_seq.to_be_bytes());
+    let data = &quoted[..];
+    match (peer.ip(), dest.ip()) {
+        (IpAddr::V4(peer4), IpAddr::V4(dest4)) => {
+            let repr = Icmpv4Repr::DstUnreachable {
+                reason: match why {
+                    Unreachable::Net => Icmpv4DstUnreachable::NetUnreachable,
+                    Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+                },
+                header: Ipv4Repr {
+                    src_addr: peer4,
+                    dst_addr: dest4,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: data.len(),
+                    hop_limit: HOP_LIMIT,
+                },
+                data,
+            };
+            build_ip(
+                dest.ip(),
+                peer.ip(),
+                IpProtocol::Icmp,
+                repr.buffer_len(),
+                |buf| {
+                    repr.emit(
+                        &mut Icmpv4Packet::new_unchecked(buf),
+                        &ChecksumCapabilities::default(),
+                    )
+                },
+            )
+        }
+        (IpAddr::V6(peer6), IpAddr::V6(dest6)) => {
+            let repr = Icmpv6Repr::DstUnreachable {
+                reason: match why {
+                    Unreachable::Net => Icmpv6DstUnreachable::NoRoute,
+                    Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+                },
+                header: Ipv6Repr {
+                    src_addr: peer6,
+                    dst_addr: dest6,
+                    next_header: IpProtocol::Tcp,
+                    payload_len: data.len(),
+                    hop_limit: HOP_LIMIT,
+                },
+                data,
+            };
+            build_ip(
+                dest.ip(),
+                peer.ip(),
+                IpProtocol::Icmpv6,
+                repr.buffer_len(),
+                |buf| {
+                    repr.emit(
+                        &dest6,
+                        &peer6,
+                        &mut Icmpv6Packet::new_unchecked(buf),
+                        &ChecksumCapabilities::default(),
+                    )
+                },
+            )
+        }
+        _ => None,
+    }
 }
 
 /// The size of the UDP packet that [`build_udp`] would emit.
@@ -363,12 +572,101 @@ mod tests {
                 b"x",
             )
             .unwrap(),
+            build_tcp(
+                addr("[fd00::2]:1"),
+                addr("[fd00::1]:2"),
+                &TcpSegment {
+                    payload: b"data",
+                    ..TcpSegment::default()
+                },
+            )
+            .unwrap(),
         ];
         for packet in &packets {
             for len in 0..packet.len() {
                 assert!(parse(&packet[..len]).is_err(), "length {len} parsed");
             }
         }
+    }
+
+    fn syn<'a>() -> TcpSegment<'a> {
+        TcpSegment {
+            seq: 0xdead_beef,
+            syn: true,
+            window: 64240,
+            wscale: Some(7),
+            mss: Some(1380),
+            ..TcpSegment::default()
+        }
+    }
+
+    #[test]
+    fn tcp_round_trip_v4_and_v6() {
+        for (src, dst) in [
+            (addr("10.0.0.2:40000"), addr("198.18.0.1:80")),
+            (addr("[fd00::2]:40000"), addr("[fd00:1::1]:80")),
+        ] {
+            let packet = build_tcp(src, dst, &syn()).unwrap();
+            assert_eq!(
+                parse(&packet),
+                Ok(Parsed::Tcp {
+                    src,
+                    dst,
+                    segment: syn()
+                })
+            );
+            let data = TcpSegment {
+                seq: 7,
+                ack: Some(u32::MAX),
+                fin: true,
+                window: 100,
+                payload: b"bytes",
+                ..TcpSegment::default()
+            };
+            let packet = build_tcp(dst, src, &data).unwrap();
+            assert_eq!(packet.len(), tcp_packet_len(src.is_ipv6(), 5));
+            let Ok(Parsed::Tcp { segment, .. }) = parse(&packet) else {
+                panic!("did not parse");
+            };
+            assert_eq!(segment, data);
+            assert_eq!(segment.seq_len(), 6);
+        }
+    }
+
+    #[test]
+    fn corrupted_tcp_checksum_and_truncations_are_malformed() {
+        let packet = build_tcp(addr("10.0.0.2:1"), addr("10.0.0.1:2"), &syn()).unwrap();
+        for len in 0..packet.len() {
+            assert!(parse(&packet[..len]).is_err(), "length {len} parsed");
+        }
+        let mut bad = packet.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        assert_eq!(parse(&bad), Err(Drop::Malformed));
+    }
+
+    #[test]
+    fn unreachable_quotes_the_syn() {
+        let (peer, dest) = (addr("10.0.0.2:40000"), addr("198.18.0.1:80"));
+        let packet = build_dst_unreachable_tcp(peer, dest, 0x0102_0304, Unreachable::Host).unwrap();
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        assert_eq!(
+            ip.src_addr(),
+            "198.18.0.1".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!((icmp.msg_type().into(), icmp.msg_code()), (3u8, 1u8));
+        // The quoted data: original IP header (20 bytes), then ports and sequence number.
+        let quoted = &icmp.data()[20..];
+        assert_eq!(quoted, &[0x9c, 0x40, 0, 80, 1, 2, 3, 4]);
+
+        let (peer, dest) = (addr("[fd00::2]:40000"), addr("[fd00:1::1]:80"));
+        let packet = build_dst_unreachable_tcp(peer, dest, 1, Unreachable::Net).unwrap();
+        let ip = Ipv6Packet::new_checked(&packet[..]).unwrap();
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+        assert_eq!((u8::from(icmp.msg_type()), icmp.msg_code()), (1, 0));
     }
 
     #[test]

@@ -12,7 +12,19 @@
 //! has a reader task that turns datagrams into [`HostEvent`]s on a bounded
 //! channel; a slow router makes those tasks wait, and the kernel's socket
 //! buffers absorb or drop the excess, per socket.
+//!
+//! DNS lookups and forwarded queries run in their own tasks ([`dns`]) and
+//! report on the same channel.
+//!
+//! Each TCP connection has a socket and a task ([`tcp`]) that report on the
+//! same channel too. TCP data segments are made by the router only when the
+//! tunnel has room (the loop waits for room while the router has something
+//! to send), so TCP toward the peers is paced by the tunnel, not dropped.
+//! Events are taken in batches, like tunnel packets, so neither side starves
+//! the other.
 
+mod dns;
+mod tcp;
 mod udp;
 
 use std::future::Future;
@@ -22,12 +34,14 @@ use tokio::sync::mpsc;
 
 use crate::Config;
 use crate::config::ConfigError;
-use crate::core::{FlowId, Router, SocketAction};
+use crate::core::{ConnectError, DnsOutcome, DnsQueryId, FlowId, Router, SocketAction};
 use crate::tunnel::{self, TunnelError, TunnelHandle};
 
 /// Most packets taken from the tunnel in one wake-up before other inputs get
 /// a turn.
 const TUNNEL_BATCH: usize = 64;
+/// Most host events taken in one wake-up.
+const EVENT_BATCH: usize = 64;
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +66,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     config.validate()?;
     let tunnel = tunnel::start(&config).await?;
     tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
+    // After the bind, so that a startup error stays the only line printed.
+    raise_fd_limit();
     Driver::new(&config, tunnel).run(shutdown).await
 }
 
@@ -64,12 +80,31 @@ enum HostEvent {
         from: std::net::SocketAddr,
         payload: bytes::Bytes,
     },
+    /// A DNS lookup or forwarded query has a result.
+    DnsResult {
+        query: DnsQueryId,
+        outcome: DnsOutcome,
+    },
+    /// A TCP connect succeeded.
+    TcpConnected { flow: FlowId },
+    /// A TCP connect failed; the task has ended.
+    TcpConnectFailed { flow: FlowId, error: ConnectError },
+    /// Bytes read from a TCP socket, within its credit.
+    TcpData { flow: FlowId, data: bytes::Bytes },
+    /// A TCP socket reached end of stream.
+    TcpEof { flow: FlowId },
+    /// A TCP socket took `n` more pending bytes.
+    TcpWritten { flow: FlowId, n: usize },
+    /// A TCP socket failed or was reset; the task has ended.
+    TcpError { flow: FlowId },
 }
 
 struct Driver {
     router: Router,
     tunnel: TunnelHandle,
     udp: udp::UdpSockets,
+    dns: dns::DnsDriver,
+    tcp: tcp::TcpSockets,
     events: mpsc::Receiver<HostEvent>,
 }
 
@@ -79,6 +114,8 @@ impl Driver {
         Driver {
             router: Router::new(config),
             tunnel,
+            dns: dns::DnsDriver::new(config, events_tx.clone()),
+            tcp: tcp::TcpSockets::new(events_tx.clone()),
             udp: udp::UdpSockets::new(events_tx),
             events,
         }
@@ -88,6 +125,8 @@ impl Driver {
         tokio::pin!(shutdown);
         loop {
             let deadline = self.router.poll_timeout();
+            // A handle of its own, so that waiting for room borrows nothing of `self`.
+            let outgoing = self.tunnel.outgoing.clone();
             let timer = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -108,18 +147,66 @@ impl Driver {
                         let Ok(packet) = self.tunnel.incoming.try_recv() else { break };
                         self.router.handle_packet(now, &packet);
                     }
+                    // Host events get their turn even when the tunnel is busy.
+                    self.drain_events(EVENT_BATCH)?;
                 }
                 Some(event) = self.events.recv() => {
-                    match event {
-                        HostEvent::UdpDatagram { flow, from, payload } => {
-                            self.router.handle_udp_datagram(Instant::now(), flow, from, &payload);
-                        }
+                    self.handle_event(event);
+                    self.drain_events(EVENT_BATCH - 1)?;
+                }
+                permit = outgoing.reserve(), if self.router.has_transmit() => {
+                    let permit = permit.map_err(|_| RunError::TunnelClosed)?;
+                    if let Some(packet) = self.router.poll_transmit() {
+                        permit.send(packet);
                     }
                 }
                 () = timer => self.router.handle_timeout(Instant::now()),
             }
             self.drain()?;
         }
+    }
+
+    /// Feeds one host event to the router.
+    fn handle_event(&mut self, event: HostEvent) {
+        let now = Instant::now();
+        match event {
+            HostEvent::UdpDatagram {
+                flow,
+                from,
+                payload,
+            } => {
+                self.router.handle_udp_datagram(now, flow, from, &payload);
+            }
+            HostEvent::DnsResult { query, outcome } => {
+                self.dns.finished(query);
+                self.router.handle_dns_result(now, query, outcome);
+            }
+            HostEvent::TcpConnected { flow } => self.router.handle_tcp_connected(now, flow),
+            HostEvent::TcpConnectFailed { flow, error } => {
+                self.tcp.close(flow);
+                self.router.handle_tcp_connect_failed(now, flow, error);
+            }
+            HostEvent::TcpData { flow, data } => self.router.handle_tcp_data(now, flow, &data),
+            HostEvent::TcpEof { flow } => self.router.handle_tcp_eof(now, flow),
+            HostEvent::TcpWritten { flow, n } => self.router.handle_tcp_written(now, flow, n),
+            HostEvent::TcpError { flow } => {
+                self.tcp.close(flow);
+                self.router.handle_tcp_error(now, flow);
+            }
+        }
+    }
+
+    /// Feeds up to `max` waiting host events to the router, carrying out
+    /// its outputs as it goes so that its queues stay short.
+    fn drain_events(&mut self, max: usize) -> Result<(), RunError> {
+        for _ in 0..max {
+            let Ok(event) = self.events.try_recv() else {
+                break;
+            };
+            self.handle_event(event);
+            self.drain()?;
+        }
+        Ok(())
     }
 
     /// Carries out every pending output of the router.
@@ -138,6 +225,20 @@ impl Driver {
                     payload,
                 } => self.udp.send(flow, dest, &payload),
                 SocketAction::UdpClose { flow } => self.udp.close(flow),
+                SocketAction::DnsResolve { query, name } => self.dns.resolve(query, name),
+                SocketAction::DnsForward { query, message } => self.dns.forward(query, message),
+                SocketAction::DnsCancel { query } => self.dns.cancel(query),
+                SocketAction::TcpConnect { flow, dest } => {
+                    if let Err(error) = self.tcp.connect(flow, dest) {
+                        self.router
+                            .handle_tcp_connect_failed(Instant::now(), flow, error);
+                    }
+                }
+                SocketAction::TcpWrite { flow, data } => self.tcp.write(flow, data),
+                SocketAction::TcpRead { flow, max } => self.tcp.read(flow, max),
+                SocketAction::TcpShutdownWrite { flow } => self.tcp.shutdown_write(flow),
+                SocketAction::TcpClose { flow } => self.tcp.close(flow),
+                SocketAction::TcpAbort { flow } => self.tcp.abort(flow),
             }
         }
         // Packets wait in the router's bounded queue until the tunnel has
@@ -154,5 +255,36 @@ impl Driver {
             permit.send(packet);
         }
         Ok(())
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every TCP
+/// connection holds a socket. Logs what it got.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct passed.
+    let result = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            Err(std::io::Error::last_os_error())
+        } else if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok((limit.rlim_cur, raised.rlim_cur))
+            }
+        } else {
+            Ok((limit.rlim_cur, limit.rlim_cur))
+        }
+    };
+    match result {
+        Ok((before, after)) => tracing::info!(before, after, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
 }

@@ -1,0 +1,547 @@
+//! TCP: the peer's connections, terminated here and relayed over host
+//! sockets.
+//!
+//! # Theory of operation
+//!
+//! **What is translated.** The peer opens a TCP connection to any address.
+//! We answer as that address would ("stackless" translation, as passt does):
+//! one small state machine per connection speaks TCP to the peer, and the
+//! driver carries the byte stream over an ordinary host socket connected to
+//! the real destination. No TCP/IP stack, no per-connection task here; the
+//! core only says what the socket should do ([`SocketAction`]) and hears
+//! back what it did (`Router::handle_tcp_*`).
+//!
+//! **Goals.** The peer sees the truth (SYN-ACK only once the host connect
+//! succeeded; refused means RST; unreachable means ICMP); no byte is lost or
+//! reordered either way; memory per connection is bounded by
+//! `--tcp-buffer-size` in each direction and is small when idle; one slow
+//! connection never holds up another.
+//!
+//! **States** (in [`conn`]):
+//! - *Connecting*: SYN received, [`SocketAction::TcpConnect`] issued. A
+//!   retransmitted SYN does nothing; a RST from the peer closes the socket.
+//!   No answer within `--tcp-connect-timeout`: the attempt is dropped
+//!   quietly (a later SYN starts a new one).
+//! - *SynReceived*: connected; SYN-ACK sent (with our MSS and, if the peer
+//!   offered it, window scale), retransmitted on the RTO up to 5 times.
+//!   Host data is already read into the send buffer.
+//! - *Open*: data both ways. Each direction closes on its own: the peer's
+//!   FIN becomes [`SocketAction::TcpShutdownWrite`] once every earlier byte
+//!   was reported written; the host's EOF becomes our FIN after every
+//!   earlier byte, sent and retransmitted like data. When both are done and
+//!   our FIN is acknowledged, the socket is closed ([`SocketAction::TcpClose`]).
+//! - *TimeWait*: only when we closed first; 2 s without any socket, to
+//!   acknowledge a retransmitted FIN. A new SYN on the same addresses
+//!   replaces it at once.
+//!
+//! **Peer to host.** In-order bytes within our window are acknowledged and
+//! handed to the driver at once ([`SocketAction::TcpWrite`]); the driver
+//! reports what the socket took (`handle_tcp_written`). Our window is
+//! `--tcp-buffer-size` minus the bytes not yet written, so a slow host
+//! reader closes the peer's window: bounded memory, and the peer's own
+//! congestion control does the rest. Up to 64 out-of-order segments within
+//! the window are kept (each answered by a duplicate ACK); anything beyond
+//! the window is dropped and answered with an ACK.
+//!
+//! **Host to peer.** The core grants the driver read credit
+//! ([`SocketAction::TcpRead`], additive) so that buffered plus granted bytes
+//! never exceed `--tcp-buffer-size`; a slow peer leaves the buffer full, the
+//! driver stops reading, and the host socket's sender blocks. Segments are
+//! cut lazily: a connection with something to send joins a ready list, and
+//! [`Tcp::poll_segment`] (behind `Router::poll_transmit`) makes one segment
+//! at a time, round-robin, only when the driver has room in the tunnel.
+//! Sending is limited by the peer's window and a Reno congestion window
+//! (slow start, NewReno fast retransmit after 3 duplicate ACKs, RTO per
+//! RFC 6298 with a 200 ms floor and exponential backoff, go-back-N after a
+//! timeout). A zero window is probed with one byte on the same timer.
+//!
+//! **Timers.** Each connection has one deadline (connect timeout, RTO or
+//! probe, idle, TIME-WAIT), kept in one ordered index; an earlier deadline
+//! replaces the indexed one, a later one waits until the indexed one fires
+//! (then the connection re-arms). Idle: `--tcp-idle-timeout` (default 2 h)
+//! while both directions are open, at most 10 min once either has closed;
+//! an idle connection is reset both ways. 12 RTO expiries in a row reset it
+//! too.
+//!
+//! **Limits.** At `--max-tcp-connections` (TIME-WAIT entries included) or
+//! `--max-tcp-pending-connects`, a new SYN gets a RST and a log line (at most
+//! one per 10 s). Connections are never evicted. If the driver cannot make a
+//! socket (out of descriptors), it reports a failed connect and the peer
+//! gets a RST.
+//!
+//! **Out of scope.** SACK, timestamps (and so PAWS), TCP Fast Open, urgent
+//! data, ECN, path MTU discovery (the MSS comes from `--mtu`).
+
+mod conn;
+mod seq;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::flows::{FlowId, FlowTable};
+use super::packet::{self, TcpSegment, Unreachable};
+use super::{SocketAction, Stats};
+use crate::Config;
+use conn::{Alive, Conn, Ctx};
+
+/// Why a host connect failed, as the driver reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The destination refused (RST): the peer gets a RST.
+    Refused,
+    /// No route to the network: the peer gets ICMP net unreachable.
+    NetUnreachable,
+    /// The host does not answer: the peer gets ICMP host unreachable.
+    HostUnreachable,
+    /// The connect timed out in the kernel: dropped quietly.
+    TimedOut,
+    /// No socket could be made (out of descriptors or memory): RST.
+    NoResources,
+    /// Anything else: RST.
+    Other,
+}
+
+/// The TCP settings, derived from [`Config`].
+pub(super) struct Settings {
+    /// Per-connection buffer bound, each direction.
+    pub buffer: usize,
+    /// Our window scale shift: the smallest that fits `buffer` in 16 bits.
+    pub wscale: u8,
+    /// MSS for IPv4 and IPv6 peers: MTU minus 40 and 60.
+    mss_v4: u32,
+    mss_v6: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    max_pending: usize,
+}
+
+impl Settings {
+    fn new(config: &Config) -> Self {
+        let buffer = config.tcp_buffer_size.clamp(1, 1 << 30);
+        let wscale = (0..14u8).find(|s| buffer >> s <= 65535).unwrap_or(14);
+        let mtu = u32::from(config.mtu);
+        Settings {
+            buffer,
+            wscale,
+            mss_v4: mtu.saturating_sub(40).max(64),
+            mss_v6: mtu.saturating_sub(60).max(64),
+            connect_timeout: config.tcp_connect_timeout,
+            idle_timeout: config.tcp_idle_timeout,
+            max_pending: config.max_tcp_pending_connects.max(1),
+        }
+    }
+
+    /// Our MSS toward `peer`.
+    pub fn mss_for(&self, peer: SocketAddr) -> u32 {
+        if peer.is_ipv6() {
+            self.mss_v6
+        } else {
+            self.mss_v4
+        }
+    }
+}
+
+/// At most one "limit reached" line per this long.
+const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Every TCP connection, keyed by (peer endpoint, remote endpoint).
+pub struct Tcp {
+    flows: FlowTable<(SocketAddr, SocketAddr), Conn>,
+    settings: Settings,
+    /// (deadline, flow), one entry per connection.
+    timers: BTreeSet<(Instant, FlowId)>,
+    /// Connections with something to send, round-robin.
+    ready: VecDeque<FlowId>,
+    /// Packets made while handling an input, for the router's queue.
+    packets: VecDeque<BytesMut>,
+    pending_connects: usize,
+    secret: [u8; 16],
+    epoch: Option<Instant>,
+    limit_log: Option<Instant>,
+    refused_since_log: u64,
+}
+
+impl Tcp {
+    /// An empty table for `config`, with `secret` keying the initial
+    /// sequence numbers.
+    pub fn new(config: &Config, secret: [u8; 16]) -> Self {
+        Tcp {
+            // The table's own idle index is unused: TCP keeps per-connection deadlines.
+            flows: FlowTable::new(config.max_tcp_connections, Duration::MAX),
+            settings: Settings::new(config),
+            timers: BTreeSet::new(),
+            ready: VecDeque::new(),
+            packets: VecDeque::new(),
+            pending_connects: 0,
+            secret,
+            epoch: None,
+            limit_log: None,
+            refused_since_log: 0,
+        }
+    }
+
+    /// The number of connections, TIME-WAIT included.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether there are no connections.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// The next packet made while handling an input.
+    pub fn pop_packet(&mut self) -> Option<BytesMut> {
+        self.packets.pop_front()
+    }
+
+    /// Whether [`Tcp::poll_segment`] may have something.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// The earliest connection deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    /// A segment from the peer endpoint `peer` to `remote`.
+    pub fn segment(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        remote: SocketAddr,
+        seg: &TcpSegment<'_>,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.epoch.get_or_insert(now);
+        if let Some(flow) = self.flows.lookup(&(peer, remote)) {
+            let replace = seg.syn
+                && seg.ack.is_none()
+                && self.flows.get(flow).is_some_and(|(_, c)| c.is_time_wait());
+            if !replace {
+                self.with_conn(flow, actions, stats, |conn, ctx| {
+                    conn.on_segment(now, seg, ctx)
+                });
+                return;
+            }
+            self.remove(flow);
+        }
+        if seg.rst {
+            return;
+        }
+        if !seg.syn || seg.ack.is_some() {
+            stats.tcp_stray_segments += 1;
+            self.reset_stray(peer, remote, seg, stats);
+            return;
+        }
+        self.open(now, peer, remote, seg, actions, stats);
+    }
+
+    fn open(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        remote: SocketAddr,
+        syn: &TcpSegment<'_>,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        if peer.is_ipv6() != remote.is_ipv6() || remote.port() == 0 {
+            stats.tcp_segments_dropped += 1;
+            return;
+        }
+        let limit = if self.flows.is_full() {
+            Some("--max-tcp-connections")
+        } else if self.pending_connects >= self.settings.max_pending {
+            Some("--max-tcp-pending-connects")
+        } else {
+            None
+        };
+        if let Some(flag) = limit {
+            stats.tcp_refused_limit += 1;
+            self.log_limit(now, flag);
+            self.reset_stray(peer, remote, syn, stats);
+            return;
+        }
+        let clock = now.saturating_duration_since(self.epoch.unwrap_or(now));
+        let iss = seq::isn(&self.secret, clock, remote, peer);
+        let our_mss = self.settings.mss_for(peer);
+        let conn = Conn::new(now, syn, iss, peer.is_ipv6(), our_mss, &self.settings);
+        let Ok(flow) = self.flows.try_insert((peer, remote), conn, now) else {
+            return;
+        };
+        self.pending_connects += 1;
+        stats.tcp_connects += 1;
+        tracing::debug!(flow = flow.0, %peer, %remote, "new TCP connection: connecting");
+        actions.push_back(SocketAction::TcpConnect { flow, dest: remote });
+        self.reindex(flow);
+    }
+
+    fn log_limit(&mut self, now: Instant, flag: &str) {
+        self.refused_since_log += 1;
+        if self
+            .limit_log
+            .is_none_or(|last| now.saturating_duration_since(last) >= LIMIT_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                refused = self.refused_since_log,
+                "new TCP connections refused with RST: {flag} reached"
+            );
+            self.limit_log = Some(now);
+            self.refused_since_log = 0;
+        }
+    }
+
+    /// Answers a segment that belongs to no connection (RFC 793, "reset
+    /// generation"): nothing for a RST; a RST from its ACK number if it has
+    /// one; otherwise a RST+ACK covering it.
+    fn reset_stray(
+        &mut self,
+        peer: SocketAddr,
+        remote: SocketAddr,
+        seg: &TcpSegment<'_>,
+        stats: &mut Stats,
+    ) {
+        if seg.rst {
+            return;
+        }
+        let reply = match seg.ack {
+            Some(ack) => TcpSegment {
+                seq: ack,
+                rst: true,
+                ..TcpSegment::default()
+            },
+            None => TcpSegment {
+                seq: 0,
+                ack: Some(seg.seq.wrapping_add(seg.seq_len())),
+                rst: true,
+                ..TcpSegment::default()
+            },
+        };
+        if let Some(packet) = packet::build_tcp(remote, peer, &reply) {
+            tracing::trace!(%peer, %remote, "RST for a segment of no connection");
+            stats.tcp_resets_sent += 1;
+            self.packets.push_back(packet);
+        }
+    }
+
+    /// The host connect of `flow` succeeded.
+    pub fn connected(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.with_conn(flow, actions, stats, |conn, ctx| {
+            conn.on_connected(now, ctx);
+            Alive::Yes
+        });
+    }
+
+    /// The host connect of `flow` failed; the driver has dropped the socket.
+    pub fn connect_failed(&mut self, flow: FlowId, error: ConnectError, stats: &mut Stats) {
+        let Some((&(peer, remote), conn)) = self.flows.get(flow) else {
+            return;
+        };
+        if !conn.is_connecting() {
+            return;
+        }
+        let irs = conn.irs();
+        tracing::debug!(flow = flow.0, %remote, ?error, "TCP connect failed");
+        stats.tcp_connect_failures += 1;
+        let reply = match error {
+            ConnectError::TimedOut => None,
+            ConnectError::NetUnreachable => {
+                packet::build_dst_unreachable_tcp(peer, remote, irs, Unreachable::Net)
+            }
+            ConnectError::HostUnreachable => {
+                packet::build_dst_unreachable_tcp(peer, remote, irs, Unreachable::Host)
+            }
+            ConnectError::Refused | ConnectError::NoResources | ConnectError::Other => {
+                stats.tcp_resets_sent += 1;
+                let rst = TcpSegment {
+                    seq: 0,
+                    ack: Some(irs.wrapping_add(1)),
+                    rst: true,
+                    ..TcpSegment::default()
+                };
+                packet::build_tcp(remote, peer, &rst)
+            }
+        };
+        self.packets.extend(reply);
+        self.remove(flow);
+    }
+
+    /// Bytes read from the host socket of `flow`.
+    pub fn data(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        data: &[u8],
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.with_conn(flow, actions, stats, |conn, ctx| {
+            conn.on_data(now, data, ctx);
+            Alive::Yes
+        });
+    }
+
+    /// The host socket of `flow` reached end of stream.
+    pub fn eof(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.with_conn(flow, actions, stats, |conn, ctx| conn.on_eof(now, ctx));
+    }
+
+    /// The driver wrote `n` more bytes to the host socket of `flow`.
+    pub fn written(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        n: usize,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.with_conn(flow, actions, stats, |conn, ctx| {
+            conn.on_written(now, n, ctx)
+        });
+    }
+
+    /// The host socket of `flow` failed or was reset; the driver dropped it.
+    pub fn host_error(
+        &mut self,
+        flow: FlowId,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        self.with_conn(flow, actions, stats, |conn, ctx| conn.on_host_error(ctx));
+    }
+
+    /// Runs every connection deadline up to `now`.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        while let Some(&(at, flow)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, flow));
+            if let Some((_, conn)) = self.flows.get_mut(flow) {
+                conn.indexed = None;
+            }
+            self.with_conn(flow, actions, stats, |conn, ctx| conn.on_timer(now, ctx));
+        }
+    }
+
+    /// The next segment of the next connection in the ready list.
+    pub fn poll_segment(
+        &mut self,
+        now: Instant,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) -> Option<BytesMut> {
+        while let Some(flow) = self.ready.pop_front() {
+            let Some((&(peer, remote), conn)) = self.flows.get_mut(flow) else {
+                continue;
+            };
+            conn.queued = false;
+            let mut ctx = Ctx {
+                flow,
+                peer,
+                remote,
+                settings: &self.settings,
+                actions,
+                packets: &mut self.packets,
+                ready: &mut self.ready,
+                stats,
+            };
+            let packet = conn.poll_segment(now, &mut ctx);
+            if conn.wants_to_send() {
+                conn.queued = true;
+                self.ready.push_back(flow);
+            }
+            self.reindex(flow);
+            if packet.is_some() {
+                return packet;
+            }
+        }
+        None
+    }
+
+    /// Runs `f` on connection `flow`, then removes it if it ended, and
+    /// updates its deadline otherwise.
+    fn with_conn(
+        &mut self,
+        flow: FlowId,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+        f: impl FnOnce(&mut Conn, &mut Ctx<'_>) -> Alive,
+    ) {
+        let Some((&(peer, remote), conn)) = self.flows.get_mut(flow) else {
+            return;
+        };
+        let was_connecting = conn.is_connecting();
+        let mut ctx = Ctx {
+            flow,
+            peer,
+            remote,
+            settings: &self.settings,
+            actions,
+            packets: &mut self.packets,
+            ready: &mut self.ready,
+            stats,
+        };
+        match f(conn, &mut ctx) {
+            Alive::Yes => {
+                if was_connecting && !conn.is_connecting() {
+                    self.pending_connects = self.pending_connects.saturating_sub(1);
+                }
+                self.reindex(flow);
+            }
+            // `remove` counts a connection that ends while connecting.
+            Alive::No => self.remove(flow),
+        }
+    }
+
+    /// Puts `flow`'s deadline in the index if it is earlier than the one
+    /// there.
+    fn reindex(&mut self, flow: FlowId) {
+        let Some((_, conn)) = self.flows.get_mut(flow) else {
+            return;
+        };
+        let deadline = conn.deadline(&self.settings);
+        if conn.indexed.is_some_and(|at| at <= deadline) {
+            return;
+        }
+        if let Some(old) = conn.indexed.replace(deadline) {
+            self.timers.remove(&(old, flow));
+        }
+        self.timers.insert((deadline, flow));
+    }
+
+    /// Forgets `flow` (its socket has been dealt with).
+    fn remove(&mut self, flow: FlowId) {
+        if let Some((_, conn)) = self.flows.remove(flow) {
+            if conn.is_connecting() {
+                self.pending_connects = self.pending_connects.saturating_sub(1);
+            }
+            if let Some(at) = conn.indexed {
+                self.timers.remove(&(at, flow));
+            }
+        }
+    }
+}

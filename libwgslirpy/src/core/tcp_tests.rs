@@ -1,0 +1,925 @@
+//! TCP router tests: a scripted peer sends segments built with the packet
+//! builders, a fake driver answers socket actions, time is virtual.
+
+use std::time::Duration;
+
+use super::packet::TcpSegment;
+use super::*;
+use crate::config::Transport;
+
+const PEER: &str = "10.0.2.15:40000";
+const REMOTE: &str = "198.18.2.2:80";
+const PEER_ISN: u32 = 1000;
+
+fn config() -> Config {
+    Config::new(
+        Transport::RawIp {
+            peer_endpoint: None,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+}
+
+fn sa(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// A segment the router sent, owned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Seg {
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    window: u16,
+    wscale: Option<u8>,
+    mss: Option<u16>,
+    payload: Vec<u8>,
+}
+
+/// What came out of the router toward the peer.
+#[derive(Debug)]
+enum Out {
+    Tcp(Seg),
+    /// ICMP or ICMPv6 type and code.
+    Icmp(u8, u8),
+}
+
+struct Harness {
+    router: Router,
+    now: Instant,
+    peer: SocketAddr,
+    remote: SocketAddr,
+    /// Our next sequence number as the peer.
+    seq: u32,
+    /// What we acknowledge as the peer.
+    ack: u32,
+    window: u16,
+}
+
+impl Harness {
+    fn new(config: &Config) -> Self {
+        Self::with_addrs(config, sa(PEER), sa(REMOTE))
+    }
+
+    fn with_addrs(config: &Config, peer: SocketAddr, remote: SocketAddr) -> Self {
+        Harness {
+            router: Router::with_secret(config, [7; 16]),
+            now: Instant::now(),
+            peer,
+            remote,
+            seq: PEER_ISN,
+            ack: 0,
+            window: 65535,
+        }
+    }
+
+    fn send(&mut self, segment: TcpSegment<'_>) {
+        let packet = packet::build_tcp(self.peer, self.remote, &segment).unwrap();
+        self.router.handle_packet(self.now, &packet);
+    }
+
+    /// Sends `data` (and FIN) at the peer's next sequence number, acking.
+    fn send_data(&mut self, data: &[u8], fin: bool) {
+        let segment = TcpSegment {
+            seq: self.seq,
+            ack: Some(self.ack),
+            fin,
+            window: self.window,
+            payload: data,
+            ..TcpSegment::default()
+        };
+        self.send(segment);
+        self.seq = self.seq.wrapping_add(data.len() as u32 + u32::from(fin));
+    }
+
+    /// Sends a pure ACK of `ack` with `window`.
+    fn send_ack(&mut self, ack: u32, window: u16) {
+        self.ack = ack;
+        self.window = window;
+        self.send(TcpSegment {
+            seq: self.seq,
+            ack: Some(ack),
+            window,
+            ..TcpSegment::default()
+        });
+    }
+
+    fn actions(&mut self) -> Vec<SocketAction> {
+        std::iter::from_fn(|| self.router.poll_socket_action()).collect()
+    }
+
+    fn out(&mut self) -> Vec<Out> {
+        std::iter::from_fn(|| self.router.poll_transmit())
+            .map(|p| match packet::parse(&p) {
+                Ok(Parsed::Tcp { src, dst, segment }) => {
+                    assert_eq!((src, dst), (self.remote, self.peer), "misaddressed");
+                    Out::Tcp(Seg {
+                        seq: segment.seq,
+                        ack: segment.ack,
+                        syn: segment.syn,
+                        fin: segment.fin,
+                        rst: segment.rst,
+                        window: segment.window,
+                        wscale: segment.wscale,
+                        mss: segment.mss,
+                        payload: segment.payload.to_vec(),
+                    })
+                }
+                _ => {
+                    let header = if self.peer.is_ipv6() { 40 } else { 20 };
+                    Out::Icmp(p[header], p[header + 1])
+                }
+            })
+            .collect()
+    }
+
+    fn segs(&mut self) -> Vec<Seg> {
+        self.out()
+            .into_iter()
+            .map(|o| match o {
+                Out::Tcp(s) => s,
+                Out::Icmp(..) => panic!("unexpected ICMP"),
+            })
+            .collect()
+    }
+
+    /// Moves the clock on by `by`, running the timers on the way.
+    fn advance(&mut self, by: Duration) {
+        let until = self.now + by;
+        while let Some(at) = self.router.poll_timeout() {
+            if at > until {
+                break;
+            }
+            self.now = at.max(self.now);
+            self.router.handle_timeout(self.now);
+        }
+        self.now = until;
+    }
+
+    fn syn(&mut self, wscale: Option<u8>) {
+        self.send(TcpSegment {
+            seq: PEER_ISN,
+            syn: true,
+            window: 64240,
+            wscale,
+            mss: Some(1460),
+            ..TcpSegment::default()
+        });
+    }
+
+    /// SYN, connect, SYN-ACK, ACK. Returns the flow and the router's
+    /// first data sequence number.
+    fn establish(&mut self) -> (FlowId, u32) {
+        self.syn(Some(7));
+        let [SocketAction::TcpConnect { flow, dest }] = self.actions()[..] else {
+            panic!("no connect");
+        };
+        assert_eq!(dest, self.remote);
+        self.router.handle_tcp_connected(self.now, flow);
+        let syn_ack = self.segs().pop().expect("SYN-ACK");
+        assert!(syn_ack.syn && syn_ack.ack == Some(PEER_ISN + 1));
+        self.seq = PEER_ISN + 1;
+        let first = syn_ack.seq.wrapping_add(1);
+        self.window = 512; // scaled by 7: 64 KiB
+        self.send_ack(first, 512);
+        self.actions();
+        (flow, first)
+    }
+}
+
+fn writes(actions: &[SocketAction]) -> Vec<u8> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            SocketAction::TcpWrite { data, .. } => Some(&data[..]),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[test]
+fn handshake_waits_for_the_host_connect() {
+    let mut h = Harness::new(&config());
+    h.syn(Some(7));
+    let acts = h.actions();
+    let [SocketAction::TcpConnect { flow, dest }] = acts[..] else {
+        panic!("{acts:?}");
+    };
+    assert_eq!(dest, sa(REMOTE));
+    assert!(h.out().is_empty(), "no SYN-ACK before the connect succeeds");
+
+    h.router.handle_tcp_connected(h.now, flow);
+    assert_eq!(
+        h.actions(),
+        vec![SocketAction::TcpRead { flow, max: 65535 }]
+    );
+    let segs = h.segs();
+    let [syn_ack] = &segs[..] else {
+        panic!("{segs:?}");
+    };
+    assert!(syn_ack.syn && !syn_ack.rst);
+    assert_eq!(syn_ack.ack, Some(PEER_ISN + 1));
+    assert_eq!(syn_ack.mss, Some(1420 - 40));
+    assert_eq!(
+        syn_ack.wscale,
+        Some(0),
+        "65535-byte buffer needs no scaling"
+    );
+    assert_eq!(syn_ack.window, 65535);
+    assert_eq!(h.router.stats().tcp_connects, 1);
+}
+
+#[test]
+fn ipv6_mss_and_no_wscale_without_the_peers_offer() {
+    let mut h = Harness::with_addrs(&config(), sa("[fd77::2]:5000"), sa("[fd00:2::2]:80"));
+    h.syn(None);
+    let [SocketAction::TcpConnect { flow, .. }] = h.actions()[..] else {
+        panic!("no connect");
+    };
+    h.router.handle_tcp_connected(h.now, flow);
+    let syn_ack = h.segs().pop().unwrap();
+    assert_eq!(syn_ack.mss, Some(1420 - 60));
+    assert_eq!(syn_ack.wscale, None);
+}
+
+#[test]
+fn retransmitted_syn_while_connecting_creates_nothing() {
+    let mut h = Harness::new(&config());
+    h.syn(Some(7));
+    assert_eq!(h.actions().len(), 1);
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+        h.syn(Some(7));
+        assert!(h.actions().is_empty());
+        assert!(h.out().is_empty());
+    }
+    assert_eq!(h.router.stats().tcp_connects, 1);
+}
+
+#[test]
+fn refused_connect_gets_rst() {
+    let mut h = Harness::new(&config());
+    h.syn(None);
+    let [SocketAction::TcpConnect { flow, .. }] = h.actions()[..] else {
+        panic!("no connect");
+    };
+    h.router
+        .handle_tcp_connect_failed(h.now, flow, ConnectError::Refused);
+    let segs = h.segs();
+    assert_eq!(
+        segs,
+        vec![Seg {
+            seq: 0,
+            ack: Some(PEER_ISN + 1),
+            rst: true,
+            ..Seg::default()
+        }]
+    );
+    assert_eq!(h.router.poll_timeout(), None, "flow gone");
+}
+
+#[test]
+fn unreachable_connect_gets_icmp_v4_and_v6() {
+    for (peer, remote, net, host) in [
+        (PEER, REMOTE, (3, 0), (3, 1)),
+        ("[fd77::2]:5000", "[fd00:2::2]:80", (1, 0), (1, 3)),
+    ] {
+        for (error, expected) in [
+            (ConnectError::NetUnreachable, net),
+            (ConnectError::HostUnreachable, host),
+        ] {
+            let mut h = Harness::with_addrs(&config(), sa(peer), sa(remote));
+            h.syn(None);
+            let [SocketAction::TcpConnect { flow, .. }] = h.actions()[..] else {
+                panic!("no connect");
+            };
+            h.router.handle_tcp_connect_failed(h.now, flow, error);
+            let out = h.out();
+            assert!(
+                matches!(out[..], [Out::Icmp(t, c)] if (t, c) == expected),
+                "{error:?}: {out:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn connect_timeout_drops_quietly_and_a_later_syn_retries() {
+    let mut config = config();
+    config.tcp_connect_timeout = Duration::from_secs(5);
+    let mut h = Harness::new(&config);
+    h.syn(None);
+    let [SocketAction::TcpConnect { flow, .. }] = h.actions()[..] else {
+        panic!("no connect");
+    };
+    h.advance(Duration::from_millis(4999));
+    assert!(h.actions().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.actions(), vec![SocketAction::TcpClose { flow }]);
+    assert!(h.out().is_empty(), "dropped quietly");
+    assert_eq!(h.router.stats().tcp_connect_timeouts, 1);
+    h.syn(None);
+    assert!(matches!(
+        h.actions()[..],
+        [SocketAction::TcpConnect { flow: f, .. }] if f != flow
+    ));
+}
+
+#[test]
+fn stray_segments_get_rst_per_rfc_793_and_never_connect() {
+    let mut h = Harness::new(&config());
+    h.send(TcpSegment {
+        seq: 5,
+        ack: Some(777),
+        window: 100,
+        ..TcpSegment::default()
+    });
+    h.send(TcpSegment {
+        seq: 5,
+        fin: true,
+        payload: b"abc",
+        ..TcpSegment::default()
+    });
+    h.send(TcpSegment {
+        seq: 5,
+        ack: Some(9),
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert!(h.actions().is_empty(), "no connect for a stray segment");
+    let segs = h.segs();
+    assert_eq!(
+        segs,
+        vec![
+            Seg {
+                seq: 777,
+                rst: true,
+                ..Seg::default()
+            },
+            Seg {
+                seq: 0,
+                ack: Some(5 + 3 + 1),
+                rst: true,
+                ..Seg::default()
+            },
+        ]
+    );
+    assert_eq!(h.router.stats().tcp_stray_segments, 2);
+}
+
+#[test]
+fn peer_data_reaches_the_host_byte_exact_and_is_acked() {
+    let mut h = Harness::new(&config());
+    let (_, first) = h.establish();
+    let data = pattern(5000);
+    for chunk in data.chunks(1380) {
+        h.send_data(chunk, false);
+    }
+    assert_eq!(writes(&h.actions()), data);
+    let segs = h.segs();
+    // One ACK for the whole batch, with the window shrunk by what is unwritten.
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(PEER_ISN + 1 + 5000));
+    assert_eq!(segs[0].seq, first);
+    assert_eq!(segs[0].window, 65535 - 5000);
+}
+
+#[test]
+fn host_data_reaches_the_peer_in_mss_segments() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    let data = pattern(4000);
+    h.router.handle_tcp_data(h.now, flow, &data);
+    let segs = h.segs();
+    assert_eq!(
+        segs.iter().map(|s| s.payload.len()).collect::<Vec<_>>(),
+        vec![1380, 1380, 1240]
+    );
+    assert_eq!(segs[1].seq, first + 1380);
+    let got: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, data);
+    // Acknowledged: nothing left to retransmit, and the driver still has
+    // most of its first credit, so none is added yet.
+    h.send_ack(first + 4000, 512);
+    assert!(h.segs().is_empty());
+    assert!(h.actions().is_empty());
+    h.advance(Duration::from_secs(60));
+    assert!(h.segs().is_empty(), "nothing retransmitted");
+}
+
+#[test]
+fn read_credit_never_exceeds_the_buffer_and_is_regranted() {
+    let mut config = config();
+    config.tcp_buffer_size = 8000;
+    let mut h = Harness::new(&config);
+    let (flow, first) = h.establish();
+    let credit = |acts: Vec<SocketAction>| -> usize {
+        acts.iter()
+            .map(|a| match a {
+                SocketAction::TcpRead { max, .. } => *max,
+                _ => 0,
+            })
+            .sum()
+    };
+    // The grant made at connect time.
+    let mut granted = 8000;
+    h.router.handle_tcp_data(h.now, flow, &pattern(8000));
+    assert_eq!(credit(h.actions()), 0, "buffer full: no credit");
+    let sent: usize = h.segs().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, 8000);
+    h.send_ack(first + 2760, 512);
+    assert_eq!(credit(h.actions()), 2760, "a quarter freed: granted");
+    granted += 2760;
+    h.send_ack(first + 8000, 512);
+    granted += credit(h.actions());
+    assert_eq!(granted, 8000 + 8000, "all freed space granted, never more");
+}
+
+#[test]
+fn slow_host_writes_close_the_peers_window() {
+    let mut config = config();
+    config.tcp_buffer_size = 4096;
+    let mut h = Harness::new(&config);
+    let (flow, _) = h.establish();
+    h.send_data(&pattern(4096), false);
+    assert_eq!(writes(&h.actions()).len(), 4096);
+    assert_eq!(h.segs().last().unwrap().window, 0);
+    // Beyond the window: dropped, answered with the same ACK.
+    h.send_data(b"more", false);
+    assert!(writes(&h.actions()).is_empty());
+    let ack = h.segs();
+    assert_eq!(ack.last().unwrap().ack, Some(PEER_ISN + 1 + 4096));
+    h.seq -= 4;
+    // The host takes half: the window opens and the peer is told.
+    h.router.handle_tcp_written(h.now, flow, 2048);
+    let update = h.segs();
+    assert_eq!(update.len(), 1);
+    assert_eq!(update[0].window, 2048);
+    h.send_data(b"more", false);
+    assert_eq!(writes(&h.actions()), b"more");
+}
+
+#[test]
+fn peer_zero_window_is_probed_with_backoff() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.send_ack(first, 0);
+    h.router.handle_tcp_data(h.now, flow, b"hello");
+    assert!(h.segs().is_empty(), "nothing fits a zero window");
+    // The handshake measured no delay: the RTO is at its 200 ms floor.
+    h.advance(Duration::from_millis(199));
+    assert!(h.segs().is_empty());
+    h.advance(Duration::from_millis(1));
+    let probe = h.segs();
+    assert_eq!(probe.len(), 1, "{probe:?}");
+    assert_eq!((probe[0].seq, &probe[0].payload[..]), (first, &b"h"[..]));
+    // Still zero: the probe comes again, later each time (400, then 800 ms).
+    h.send_ack(first, 0);
+    h.advance(Duration::from_millis(399));
+    assert!(h.segs().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.segs().len(), 1);
+    h.send_ack(first, 0);
+    h.advance(Duration::from_millis(799));
+    assert!(h.segs().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.segs().len(), 1);
+    // The window opens: everything goes.
+    h.send_ack(first, 512);
+    let segs = h.segs();
+    let got: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, b"hello");
+}
+
+#[test]
+fn lost_data_is_retransmitted_on_rto_with_backoff() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.router.handle_tcp_data(h.now, flow, b"data");
+    assert_eq!(h.segs().len(), 1);
+    let mut waited = Vec::new();
+    let start = h.now;
+    for _ in 0..3 {
+        let mut step = Duration::ZERO;
+        while h.segs().is_empty() {
+            h.advance(Duration::from_millis(100));
+            step += Duration::from_millis(100);
+            assert!(step < Duration::from_secs(30));
+        }
+        waited.push(step);
+    }
+    assert!(h.now > start);
+    // RTO starts at 1 s (no RTT sample yet from the handshake in zero time
+    // is 200 ms floor); then doubles.
+    assert_eq!(waited[1], waited[0] * 2, "{waited:?}");
+    assert_eq!(waited[2], waited[1] * 2, "{waited:?}");
+    h.send_ack(first + 4, 512);
+    h.advance(Duration::from_secs(60));
+    assert!(h.segs().is_empty());
+    assert!(h.router.stats().tcp_retransmits >= 3);
+}
+
+#[test]
+fn three_duplicate_acks_trigger_fast_retransmit() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.router.handle_tcp_data(h.now, flow, &pattern(1380 * 5));
+    assert_eq!(h.segs().len(), 5);
+    h.send_ack(first + 1380, 512);
+    h.segs();
+    for _ in 0..2 {
+        h.send_ack(first + 1380, 512);
+        assert!(h.segs().is_empty());
+    }
+    h.send_ack(first + 1380, 512);
+    let resent = h.segs();
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    assert_eq!(resent[0].seq, first + 1380);
+    assert_eq!(resent[0].payload, pattern(1380 * 5)[1380..2760]);
+    assert_eq!(h.router.stats().tcp_fast_retransmits, 1);
+}
+
+#[test]
+fn out_of_order_segments_are_kept_and_delivered_in_order() {
+    let mut h = Harness::new(&config());
+    h.establish();
+    let data = pattern(3000);
+    let start = h.seq;
+    // Second and third segments first.
+    h.seq = start + 1000;
+    h.send_data(&data[1000..2000], false);
+    h.send_data(&data[2000..], false);
+    assert!(writes(&h.actions()).is_empty());
+    let dups = h.segs();
+    assert_eq!(dups.len(), 2, "a duplicate ACK each");
+    assert!(dups.iter().all(|s| s.ack == Some(start)));
+    h.seq = start;
+    h.send_data(&data[..1000], false);
+    assert_eq!(writes(&h.actions()), data);
+    assert_eq!(h.segs().last().unwrap().ack, Some(start + 3000));
+}
+
+#[test]
+fn peer_closes_first_and_every_byte_is_written_before_shutdown() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.send_data(b"request", true);
+    let acts = h.actions();
+    assert_eq!(writes(&acts), b"request");
+    assert!(
+        !acts.contains(&SocketAction::TcpShutdownWrite { flow }),
+        "shutdown before the bytes were written"
+    );
+    assert_eq!(h.segs().last().unwrap().ack, Some(PEER_ISN + 1 + 8));
+    h.router.handle_tcp_written(h.now, flow, 3);
+    assert!(h.actions().is_empty());
+    h.router.handle_tcp_written(h.now, flow, 4);
+    assert_eq!(h.actions(), vec![SocketAction::TcpShutdownWrite { flow }]);
+    // The host answers and closes; the answer, then the FIN.
+    h.router.handle_tcp_data(h.now, flow, b"response");
+    h.router.handle_tcp_eof(h.now, flow);
+    let segs = h.segs();
+    let got: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, b"response");
+    assert!(segs.last().unwrap().fin);
+    assert!(h.actions().is_empty());
+    h.send_ack(first + 8 + 1, 512);
+    assert_eq!(h.actions(), vec![SocketAction::TcpClose { flow }]);
+    assert_eq!(
+        h.router.poll_timeout(),
+        None,
+        "no TIME-WAIT for the passive closer"
+    );
+    assert_eq!(h.router.stats().tcp_closed, 1);
+}
+
+#[test]
+fn host_closes_first_and_the_peer_keeps_sending() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.router.handle_tcp_data(h.now, flow, b"greeting");
+    h.router.handle_tcp_eof(h.now, flow);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].fin && segs[0].payload == b"greeting");
+    // The FIN is retransmitted like data.
+    h.advance(Duration::from_secs(2));
+    let again = h.segs();
+    assert!(again.iter().any(|s| s.fin && s.payload == b"greeting"));
+    h.send_ack(first + 9, 512);
+    // The peer goes on sending after our FIN.
+    let body = pattern(3000);
+    h.send_data(&body, false);
+    h.send_data(b"", true);
+    let acts = h.actions();
+    assert_eq!(writes(&acts), body);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, SocketAction::TcpShutdownWrite { .. }))
+    );
+    h.router.handle_tcp_written(h.now, flow, 3000);
+    assert_eq!(
+        h.actions(),
+        vec![
+            SocketAction::TcpShutdownWrite { flow },
+            SocketAction::TcpClose { flow }
+        ]
+    );
+    // TIME-WAIT: a retransmitted FIN is acknowledged again, without a socket.
+    h.segs();
+    h.seq -= 1;
+    h.send_data(b"", true);
+    let ack = h.segs();
+    assert_eq!(ack.len(), 1);
+    assert_eq!(ack[0].ack, Some(h.seq));
+    assert!(h.actions().is_empty());
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.router.poll_timeout(), None, "TIME-WAIT over");
+}
+
+#[test]
+fn rst_is_relayed_both_ways() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.send(TcpSegment {
+        seq: h.seq,
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert_eq!(h.actions(), vec![SocketAction::TcpAbort { flow }]);
+
+    let mut h = Harness::new(&config());
+    let (flow, first2) = h.establish();
+    h.router.handle_tcp_error(h.now, flow);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].rst);
+    assert_eq!(segs[0].seq, first2);
+    assert!(
+        h.actions().is_empty(),
+        "the driver dropped the socket itself"
+    );
+    let _ = first;
+}
+
+#[test]
+fn rst_out_of_window_is_ignored_and_in_window_gets_a_challenge_ack() {
+    let mut h = Harness::new(&config());
+    let (_, _) = h.establish();
+    h.send(TcpSegment {
+        seq: h.seq + 100,
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert!(h.actions().is_empty());
+    let challenge = h.segs();
+    assert_eq!(challenge.len(), 1);
+    assert!(!challenge[0].rst);
+    h.send(TcpSegment {
+        seq: h.seq.wrapping_sub(1_000_000),
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert!(h.actions().is_empty());
+    assert!(h.segs().is_empty());
+}
+
+#[test]
+fn connection_cap_refuses_with_rst_and_evicts_nothing() {
+    let mut config = config();
+    config.max_tcp_connections = 1;
+    let mut h = Harness::new(&config);
+    h.establish();
+    let other = TcpSegment {
+        seq: 5,
+        syn: true,
+        window: 1000,
+        ..TcpSegment::default()
+    };
+    let packet = packet::build_tcp(sa("10.0.2.15:40001"), sa(REMOTE), &other).unwrap();
+    h.router.handle_packet(h.now, &packet);
+    assert!(h.actions().is_empty());
+    let out = std::iter::from_fn(|| h.router.poll_transmit()).collect::<Vec<_>>();
+    let Ok(Parsed::Tcp { segment, .. }) = packet::parse(&out[0]) else {
+        panic!("no RST");
+    };
+    assert!(segment.rst && segment.ack == Some(6));
+    assert_eq!(h.router.stats().tcp_refused_limit, 1);
+    // The first connection still works.
+    h.send_data(b"still here", false);
+    assert_eq!(writes(&h.actions()), b"still here");
+}
+
+#[test]
+fn pending_connect_cap_refuses_with_rst() {
+    let mut config = config();
+    config.max_tcp_pending_connects = 1;
+    let mut h = Harness::new(&config);
+    h.syn(None);
+    assert_eq!(h.actions().len(), 1);
+    let syn = TcpSegment {
+        seq: 5,
+        syn: true,
+        ..TcpSegment::default()
+    };
+    let packet = packet::build_tcp(sa("10.0.2.15:40001"), sa(REMOTE), &syn).unwrap();
+    h.router.handle_packet(h.now, &packet);
+    assert!(h.actions().is_empty());
+    assert_eq!(h.router.stats().tcp_refused_limit, 1);
+}
+
+#[test]
+fn idle_connection_is_reset_both_ways() {
+    let mut config = config();
+    config.tcp_idle_timeout = Duration::from_secs(100);
+    let mut h = Harness::new(&config);
+    let (flow, _) = h.establish();
+    h.advance(Duration::from_secs(50));
+    h.send_data(b"x", false);
+    h.actions();
+    h.segs();
+    h.advance(Duration::from_secs(99));
+    assert!(h.actions().is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.actions(), vec![SocketAction::TcpAbort { flow }]);
+    assert!(h.segs().iter().any(|s| s.rst));
+    assert_eq!(h.router.stats().tcp_idle_closed, 1);
+    assert_eq!(h.router.poll_timeout(), None);
+}
+
+#[test]
+fn window_scaling_is_offered_and_honoured() {
+    let mut config = config();
+    config.tcp_buffer_size = 1 << 20;
+    let mut h = Harness::new(&config);
+    let (flow, _) = h.establish();
+    // Our 1 MiB window, scaled by 5 (1 MiB >> 5 fits 16 bits).
+    h.send_data(b"x", false);
+    h.actions();
+    let ack = h.segs().pop().unwrap();
+    assert_eq!(u32::from(ack.window) << 5, (1 << 20) - 32);
+    // The peer's window field 10, scaled by its 7: 1280 bytes, not 10.
+    h.send_ack(h.ack, 10);
+    h.router.handle_tcp_data(h.now, flow, &pattern(100_000));
+    let sent: usize = h.segs().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, 1280);
+}
+
+#[test]
+fn lazy_segments_wait_for_poll_transmit_round_robin() {
+    let mut h = Harness::new(&config());
+    let (a, _) = h.establish();
+    let mut h2_peer = TcpSegment {
+        seq: 9000,
+        syn: true,
+        mss: Some(1460),
+        window: 65535,
+        ..TcpSegment::default()
+    };
+    let peer2 = sa("10.0.2.15:40002");
+    h.router.handle_packet(
+        h.now,
+        &packet::build_tcp(peer2, sa(REMOTE), &h2_peer).unwrap(),
+    );
+    let [SocketAction::TcpConnect { flow: b, .. }] = h.actions()[..] else {
+        panic!("no connect");
+    };
+    h.router.handle_tcp_connected(h.now, b);
+    let syn_ack = std::iter::from_fn(|| h.router.poll_transmit()).collect::<Vec<_>>();
+    let Ok(Parsed::Tcp { segment, .. }) = packet::parse(&syn_ack[0]) else {
+        panic!();
+    };
+    h2_peer.syn = false;
+    h2_peer.mss = None;
+    h2_peer.seq = 9001;
+    h2_peer.ack = Some(segment.seq.wrapping_add(1));
+    h.router.handle_packet(
+        h.now,
+        &packet::build_tcp(peer2, sa(REMOTE), &h2_peer).unwrap(),
+    );
+    h.actions();
+    h.router.handle_tcp_data(h.now, a, &pattern(4000));
+    h.router.handle_tcp_data(h.now, b, &pattern(4000));
+    assert!(h.router.has_transmit());
+    let dests: Vec<u16> = std::iter::from_fn(|| h.router.poll_transmit())
+        .map(|p| match packet::parse(&p) {
+            Ok(Parsed::Tcp { dst, .. }) => dst.port(),
+            _ => 0,
+        })
+        .collect();
+    assert_eq!(dests, vec![40000, 40002, 40000, 40002, 40000, 40002]);
+    assert!(!h.router.has_transmit());
+}
+
+mod proptests {
+    //! Random loss, reordering and duplication of a peer's stream (and
+    //! random junk segments) never panic the router, and the host side
+    //! receives a prefix of the stream, in order.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Send segment `i` of the stream (maybe again, maybe early).
+        Segment(usize),
+        /// A random segment on the same connection.
+        Junk {
+            seq_off: u32,
+            ack_off: u32,
+            flags: u8,
+            window: u16,
+            len: usize,
+        },
+        /// The host takes `n` bytes.
+        Written(usize),
+        /// The host sends `n` bytes.
+        HostData(usize),
+        /// Time passes.
+        Wait(u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0usize..12).prop_map(Step::Segment),
+            2 => (any::<u32>(), any::<u32>(), any::<u8>(), any::<u16>(), 0usize..100).prop_map(
+                |(seq_off, ack_off, flags, window, len)| Step::Junk { seq_off, ack_off, flags, window, len }
+            ),
+            2 => (0usize..5000).prop_map(Step::Written),
+            1 => (0usize..3000).prop_map(Step::HostData),
+            1 => (0u64..3000).prop_map(Step::Wait),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn streams_arrive_in_order_whatever_the_peer_does(steps in proptest::collection::vec(step(), 1..80)) {
+            let mut config = config();
+            config.tcp_buffer_size = 8192;
+            let mut h = Harness::new(&config);
+            let (flow, first) = h.establish();
+            let stream = pattern(12 * 700);
+            let base = h.seq;
+            let mut delivered = Vec::new();
+            let mut unwritten = 0usize;
+            for step in steps {
+                match step {
+                    Step::Segment(i) => {
+                        let seg = TcpSegment {
+                            seq: base + (i * 700) as u32,
+                            ack: Some(first),
+                            window: 512,
+                            fin: i == 11,
+                            payload: &stream[i * 700..(i + 1) * 700],
+                            ..TcpSegment::default()
+                        };
+                        h.send(seg);
+                    }
+                    Step::Junk { seq_off, ack_off, flags, window, len } => {
+                        let payload = vec![0xee; len];
+                        let seg = TcpSegment {
+                            seq: base.wrapping_add(seq_off),
+                            ack: (flags & 1 != 0).then_some(first.wrapping_add(ack_off)),
+                            syn: flags & 2 != 0,
+                            fin: flags & 4 != 0 && flags & 2 == 0,
+                            rst: flags & 8 != 0 && flags & 6 == 0 && seq_off % 4 != 0,
+                            window,
+                            payload: &payload,
+                            ..TcpSegment::default()
+                        };
+                        // Junk must not be in-window data, or it would
+                        // legitimately be delivered.
+                        if seg.rst || seg.syn || len == 0 || seq_off >= 1 << 30 {
+                            h.send(seg);
+                        }
+                    }
+                    Step::Written(n) => {
+                        let n = n.min(unwritten);
+                        unwritten -= n;
+                        h.router.handle_tcp_written(h.now, flow, n);
+                    }
+                    Step::HostData(n) => h.router.handle_tcp_data(h.now, flow, &pattern(n)),
+                    Step::Wait(ms) => h.advance(Duration::from_millis(ms)),
+                }
+                for action in h.actions() {
+                    if let SocketAction::TcpWrite { data, .. } = action {
+                        unwritten += data.len();
+                        delivered.extend_from_slice(&data);
+                    }
+                }
+                h.out();
+                prop_assert!(unwritten <= 8192, "more unwritten than the buffer");
+                prop_assert_eq!(&delivered[..], &stream[..delivered.len()]);
+            }
+        }
+    }
+}

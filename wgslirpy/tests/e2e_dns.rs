@@ -1,0 +1,414 @@
+//! End-to-end tests of the DNS server at `-D`: `dig` in the peer namespace asks the gateway
+//! through the WireGuard tunnel. A and AAAA come from the gateway namespace's own resolution
+//! (its `/etc/hosts`, then its resolv.conf); other types are forwarded to a small
+//! authoritative nameserver (a python script) in the internet namespace, which the gateway's
+//! resolv.conf names. Each test builds its own rig (see `rig/mod.rs`); they need root and
+//! skip loudly without it (fail under `CI=true`).
+
+mod rig;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rig::*;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `--dns-timeout` given to the gateway in these tests.
+const DNS_TIMEOUT_SECS: u64 = 2;
+
+/// Names added to the gateway's hosts file: one with only an IPv4 address, one with only IPv6.
+const V4_ONLY: &str = "v4only.test";
+const V4_ONLY_ADDR: &str = "198.18.2.7";
+const V6_ONLY: &str = "v6only.test";
+const V6_ONLY_ADDR: &str = "fd00:2::7";
+
+/// A tiny authoritative nameserver for the zone `test.`, on UDP port 53, dual-stack. It logs
+/// `<client ip> <name> <type>` per query. Answers:
+/// - `mail.test`: MX `10 mx.mail.test.` and TXT `"hello from the test zone"`;
+/// - `dnsonly.test`: A 198.18.2.50 and AAAA fd00:2::50 (a name the hosts file lacks);
+/// - `txtonly.test`: TXT only (NOERROR with no answers for other types);
+/// - `silent.test`: never answered;
+/// - anything else: NXDOMAIN.
+///
+/// If the query has an OPT record, the answer carries one advertising 3999 bytes, so a test
+/// can tell the nameserver's EDNS from one the gateway would have made.
+const NAMESERVER_PY: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 53))
+def name_bytes(name):
+    return b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+ZONE = {
+    ("mail.test", 15): [struct.pack("!H", 10) + name_bytes("mx.mail.test")],
+    ("mail.test", 16): [b"\x18hello from the test zone"],
+    ("dnsonly.test", 1): [socket.inet_pton(socket.AF_INET, "198.18.2.50")],
+    ("dnsonly.test", 28): [socket.inet_pton(socket.AF_INET6, "fd00:2::50")],
+    ("txtonly.test", 16): [b"\x09only text"],
+}
+NAMES = {name for name, _ in ZONE}
+while True:
+    data, addr = s.recvfrom(65535)
+    try:
+        qid, flags, qd, an, ns, ar = struct.unpack("!6H", data[:12])
+        at, labels = 12, []
+        while data[at]:
+            labels.append(data[at + 1:at + 1 + data[at]].decode())
+            at += 1 + data[at]
+        qtype, qclass = struct.unpack("!HH", data[at + 1:at + 5])
+        question = data[12:at + 5]
+    except Exception as e:
+        print("bad query", e, flush=True)
+        continue
+    name = ".".join(labels).lower()
+    host = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
+    print(host, name, qtype, flush=True)
+    if name == "silent.test":
+        continue
+    records = ZONE.get((name, qtype), [])
+    rcode = 0 if name in NAMES else 3
+    body = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, 300, len(r)) + r for r in records)
+    opt = b"\0" + struct.pack("!HHIH", 41, 3999, 0, 0) if ar else b""
+    header = struct.pack("!6H", qid, 0x8400 | (flags & 0x0100) | 0x80 | rcode, 1, len(records), 0, 1 if ar else 0)
+    s.sendto(header + question + body + opt, addr)
+"#;
+
+/// What `dig` said.
+#[derive(Debug)]
+struct Dig {
+    /// `NOERROR`, `NXDOMAIN`, `SERVFAIL`, …; empty if there was no answer.
+    status: String,
+    /// The header flags (`qr rd ra`, …).
+    flags: Vec<String>,
+    /// The answer section's RDATA fields, in order.
+    answers: Vec<String>,
+    /// The UDP size of the answer's OPT record, if it had one.
+    edns_udp: Option<u16>,
+    output: CmdOutput,
+}
+
+/// `dig @server -p port name qtype [extra]` from the peer namespace, one try of 4 s.
+fn dig(rig: &Rig, server: SocketAddr, name: &str, qtype: &str, extra: &[&str]) -> Dig {
+    let (at, port) = (format!("@{}", server.ip()), server.port().to_string());
+    let mut argv = vec![
+        "dig",
+        &at,
+        "-p",
+        &port,
+        "+tries=1",
+        "+timeout=4",
+        name,
+        qtype,
+    ];
+    argv.extend_from_slice(extra);
+    let output = rig.peer.run_timeout(&argv, Duration::from_secs(10));
+    let text = &output.stdout;
+    let status = text
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or("")
+        .to_owned();
+    let flags = text
+        .lines()
+        .find_map(|l| l.strip_prefix(";; flags: "))
+        .and_then(|rest| rest.split(';').next())
+        .map(|f| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let answers = text
+        .lines()
+        .skip_while(|l| !l.starts_with(";; ANSWER SECTION:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    let edns_udp = text
+        .lines()
+        .find_map(|l| l.strip_prefix("; EDNS: "))
+        .and_then(|l| l.split("udp: ").nth(1))
+        .and_then(|n| n.trim().parse().ok());
+    Dig {
+        status,
+        flags,
+        answers,
+        edns_udp,
+        output,
+    }
+}
+
+/// Checks status and answers of `dig name qtype`, and that recursion is offered.
+#[track_caller]
+fn assert_dig(
+    rig: &Rig,
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    status: &str,
+    answers: &[&str],
+) -> Dig {
+    let d = dig(rig, server, name, qtype, &[]);
+    assert_eq!(d.status, status, "dig {name} {qtype}: {}", d.output);
+    assert_eq!(d.answers, answers, "dig {name} {qtype}: {}", d.output);
+    for flag in ["qr", "rd", "ra"] {
+        assert!(
+            d.flags.iter().any(|f| f == flag),
+            "dig {name} {qtype}: flag {flag} missing: {}",
+            d.output
+        );
+    }
+    d
+}
+
+/// Adds the v4-only and v6-only names to the gateway's hosts file. `ip netns exec` bind-mounts
+/// the file itself, and rewriting it in place keeps its inode, so a running gateway sees it.
+fn extend_gateway_hosts(rig: &Rig) {
+    let path = format!("/etc/netns/{}/hosts", rig.gw.name);
+    let mut hosts = fs::read_to_string(&path).expect("the rig writes a hosts file");
+    hosts.push_str(&format!(
+        "{V4_ONLY_ADDR} {V4_ONLY}\n{V6_ONLY_ADDR} {V6_ONLY}\n"
+    ));
+    rig.gw.write_etc("hosts", &hosts);
+}
+
+/// Starts the test nameserver in the internet namespace; returns its process.
+fn start_nameserver(rig: &mut Rig) -> ProcId {
+    let script = rig.dir.join("nameserver.py");
+    fs::write(&script, NAMESERVER_PY).unwrap();
+    let inet = rig.inet.clone();
+    let script = script.to_string_lossy().into_owned();
+    let id = rig.spawn(&inet, "nameserver", &["python3", &script]);
+    rig.wait_listening(id, Proto::Udp, 53);
+    id
+}
+
+fn dns_v4() -> SocketAddr {
+    SocketAddr::new(PINGABLE_V4.into(), 53)
+}
+
+fn dns_args(server: SocketAddr) -> Vec<String> {
+    vec![
+        "-D".into(),
+        server.to_string(),
+        "--dns-timeout".into(),
+        DNS_TIMEOUT_SECS.to_string(),
+    ]
+}
+
+fn builder(test: &str, server: SocketAddr) -> RigBuilder {
+    let args = dns_args(server);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Rig::builder(test).gateway_args(&args)
+}
+
+/// A and AAAA from the gateway's hosts file and its nameserver, with exactly the type asked;
+/// NXDOMAIN and NOERROR-without-answers; MX and TXT forwarded and relayed unchanged.
+#[test]
+fn dns_answers_from_hosts_file_and_forwards_other_types() {
+    let Some(mut rig) = builder(
+        "dns_answers_from_hosts_file_and_forwards_other_types",
+        dns_v4(),
+    )
+    .start() else {
+        return;
+    };
+    let ns = start_nameserver(&mut rig);
+    extend_gateway_hosts(&rig);
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    let server = dns_v4();
+
+    // The hosts file, both families, each answer of exactly the asked type.
+    let inet_v4 = INET_V4.to_string();
+    let inet_v6 = INET_V6.to_string();
+    let d = assert_dig(
+        &rig,
+        server,
+        INET_HOSTNAME,
+        "A",
+        "NOERROR",
+        &[&format!("IN A {inet_v4}")],
+    );
+    assert!(d.output.stdout.contains("IN\tA\t"), "{}", d.output);
+    assert!(
+        d.output.stdout.contains("\t60\tIN\tA"),
+        "TTL not 60: {}",
+        d.output
+    );
+    assert_dig(
+        &rig,
+        server,
+        INET_HOSTNAME,
+        "AAAA",
+        "NOERROR",
+        &[&format!("IN AAAA {inet_v6}")],
+    );
+    assert_dig(
+        &rig,
+        server,
+        V4_ONLY,
+        "A",
+        "NOERROR",
+        &[&format!("IN A {V4_ONLY_ADDR}")],
+    );
+    assert_dig(
+        &rig,
+        server,
+        V6_ONLY,
+        "AAAA",
+        "NOERROR",
+        &[&format!("IN AAAA {V6_ONLY_ADDR}")],
+    );
+    // Names that exist without an address of the asked family.
+    assert_dig(&rig, server, V4_ONLY, "AAAA", "NOERROR", &[]);
+    assert_dig(&rig, server, V6_ONLY, "A", "NOERROR", &[]);
+    // Through the gateway's own resolver to the nameserver.
+    assert_dig(
+        &rig,
+        server,
+        "dnsonly.test",
+        "A",
+        "NOERROR",
+        &["IN A 198.18.2.50"],
+    );
+    assert_dig(
+        &rig,
+        server,
+        "dnsonly.test",
+        "AAAA",
+        "NOERROR",
+        &["IN AAAA fd00:2::50"],
+    );
+    assert_dig(&rig, server, "missing.test", "A", "NXDOMAIN", &[]);
+    assert_dig(&rig, server, "missing.test", "AAAA", "NXDOMAIN", &[]);
+    assert_dig(&rig, server, "txtonly.test", "A", "NOERROR", &[]);
+
+    // Other types: forwarded, relayed with the nameserver's own EDNS size (3999).
+    let mx = assert_dig(
+        &rig,
+        server,
+        "mail.test",
+        "MX",
+        "NOERROR",
+        &["IN MX 10 mx.mail.test."],
+    );
+    assert_eq!(mx.edns_udp, Some(3999), "EDNS not relayed: {}", mx.output);
+    assert!(
+        mx.output.stdout.contains("\t300\tIN\tMX"),
+        "TTL changed: {}",
+        mx.output
+    );
+    assert_dig(
+        &rig,
+        server,
+        "mail.test",
+        "TXT",
+        "NOERROR",
+        &["IN TXT \"hello from the test zone\""],
+    );
+    assert_dig(&rig, server, "missing.test", "MX", "NXDOMAIN", &[]);
+    // Without EDNS the answer carries none.
+    let plain = dig(&rig, server, "mail.test", "MX", &["+noedns"]);
+    assert_eq!(plain.edns_udp, None, "{}", plain.output);
+
+    // The nameserver saw the forwarded queries from the gateway's internet-side address,
+    // never from a tunnel address.
+    let log = rig.proc(ns).log();
+    assert!(
+        log.lines()
+            .any(|l| l == format!("{GW_INET_V4} mail.test 15")),
+        "nameserver log: {log}"
+    );
+    assert!(
+        !log.contains(&PEER_INNER_V4.to_string()),
+        "a tunnel address leaked: {log}"
+    );
+    assert!(rig.gateway_alive());
+}
+
+/// A nameserver that never answers: SERVFAIL once the DNS timeout has passed, not silence.
+/// Malformed queries get FORMERR, a datagram without a header nothing, and the server goes on.
+/// The gateway runs as `nobody`: resolving and forwarding need no privilege.
+#[test]
+fn dns_servfail_on_silent_upstream_and_formerr_on_garbage() {
+    let Some(mut rig) = builder(
+        "dns_servfail_on_silent_upstream_and_formerr_on_garbage",
+        dns_v4(),
+    )
+    .unprivileged()
+    .start() else {
+        return;
+    };
+    start_nameserver(&mut rig);
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    let server = dns_v4();
+
+    let d = assert_dig(&rig, server, "silent.test", "MX", "SERVFAIL", &[]);
+    let timeout = Duration::from_secs(DNS_TIMEOUT_SECS);
+    assert!(
+        d.output.elapsed >= timeout - Duration::from_millis(500)
+            && d.output.elapsed < timeout + Duration::from_secs(2),
+        "SERVFAIL after {:?}, wanted about {timeout:?}",
+        d.output.elapsed
+    );
+
+    // A header asking one question, then a name running off the end.
+    let garbage = [
+        0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0x3f, b'x', b'y',
+    ];
+    let reply = rig
+        .udp_roundtrip(&rig.peer, server, &garbage, 2, Duration::from_secs(2))
+        .unwrap_or_else(|out| panic!("no answer to a malformed query:\n{out}"));
+    assert_eq!(reply.from, server);
+    assert_eq!(reply.payload.len(), 12, "{:02x?}", reply.payload);
+    assert_eq!(reply.payload[..2], [0xab, 0xcd], "ID not kept");
+    assert_eq!(
+        reply.payload[3] & 0x0f,
+        1,
+        "not FORMERR: {:02x?}",
+        reply.payload
+    );
+    // Too short for a header: dropped.
+    let none = rig.udp_roundtrip(&rig.peer, server, &[1, 2, 3], 1, Duration::from_secs(1));
+    assert!(none.is_err(), "answered a headerless datagram: {none:?}");
+
+    assert_dig(
+        &rig,
+        server,
+        INET_HOSTNAME,
+        "A",
+        "NOERROR",
+        &[&format!("IN A {INET_V4}")],
+    );
+    assert!(rig.gateway_alive());
+}
+
+/// The gateway's resolv.conf names no nameserver: forwarded types are NOTIMP, while A and AAAA
+/// still come from the hosts file. Served on the IPv6 inner address.
+#[test]
+fn dns_notimp_without_nameserver_over_ipv6() {
+    let server = SocketAddr::new(PINGABLE_V6.into(), 53);
+    let Some(mut rig) = builder("dns_notimp_without_nameserver_over_ipv6", server)
+        .defer_gateway()
+        .start()
+    else {
+        return;
+    };
+    rig.gw.write_etc("resolv.conf", "# no nameserver\n");
+    rig.start_gateway();
+    // The peer's first handshake went out before the gateway ran; WireGuard retries after 5 s.
+    rig.wait_handshake(HANDSHAKE_TIMEOUT * 2);
+    assert_dig(&rig, server, "mail.test", "MX", "NOTIMP", &[]);
+    assert_dig(
+        &rig,
+        server,
+        INET_HOSTNAME,
+        "AAAA",
+        "NOERROR",
+        &[&format!("IN AAAA {INET_V6}")],
+    );
+    let log = rig.gateway_log();
+    assert!(
+        log.contains("names no nameserver"),
+        "no startup warning: {log}"
+    );
+}
