@@ -29,6 +29,7 @@
 pub mod flows;
 pub mod icmp;
 pub mod packet;
+pub mod policy;
 pub mod udp;
 
 use std::collections::VecDeque;
