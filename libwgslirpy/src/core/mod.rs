@@ -27,6 +27,7 @@
 //! - everything else is counted and dropped.
 
 pub mod flows;
+pub mod fragment;
 pub mod icmp;
 pub mod packet;
 pub mod policy;

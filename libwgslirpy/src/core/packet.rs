@@ -253,8 +253,10 @@ fn build_ip(
     payload_len: usize,
     emit_payload: impl FnOnce(&mut [u8]),
 ) -> Option<BytesMut> {
+    // IPv4 counts its header in the 16-bit total length; IPv6 does not.
     let total = ip_header_len(src.is_ipv6()) + payload_len;
-    if total > usize::from(u16::MAX) {
+    let counted = if src.is_ipv6() { payload_len } else { total };
+    if counted > usize::from(u16::MAX) {
         return None;
     }
     let mut buf = BytesMut::zeroed(total);
