@@ -177,7 +177,14 @@ impl Reassembler {
 
     /// Takes a packet from the peer.
     pub fn handle(&mut self, now: Instant, packet: &[u8]) -> Reassembly {
-        let Some((key, header, offset, more, payload)) = parse_fragment(packet) else {
+        let Some(Fragment {
+            key,
+            header,
+            offset,
+            more,
+            payload,
+        }) = parse_fragment(packet)
+        else {
             return match is_fragment(packet) {
                 true => Reassembly::Dropped,
                 false => Reassembly::NotFragment,
@@ -292,9 +299,19 @@ fn is_fragment(packet: &[u8]) -> bool {
     }
 }
 
-/// The key, the header to rebuild with, the offset, the more-fragments
-/// flag and the payload of a well-formed fragment.
-fn parse_fragment(packet: &[u8]) -> Option<(DatagramKey, Vec<u8>, usize, bool, &[u8])> {
+/// A well-formed fragment.
+struct Fragment<'a> {
+    key: DatagramKey,
+    /// The header to rebuild the datagram with.
+    header: Vec<u8>,
+    /// Where the payload goes in the datagram, in bytes.
+    offset: usize,
+    /// Whether more fragments follow.
+    more: bool,
+    payload: &'a [u8],
+}
+
+fn parse_fragment(packet: &[u8]) -> Option<Fragment<'_>> {
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
             let view = Ipv4Packet::new_checked(packet).ok()?;
@@ -310,13 +327,13 @@ fn parse_fragment(packet: &[u8]) -> Option<(DatagramKey, Vec<u8>, usize, bool, &
             };
             let header = packet[..header_len].to_vec();
             let payload = &packet[header_len..usize::from(view.total_len())];
-            Some((
+            Some(Fragment {
                 key,
                 header,
-                usize::from(view.frag_offset()),
-                view.more_frags(),
+                offset: usize::from(view.frag_offset()),
+                more: view.more_frags(),
                 payload,
-            ))
+            })
         }
         Some(6) => {
             let view = Ipv6Packet::new_checked(packet).ok()?;
@@ -335,13 +352,13 @@ fn parse_fragment(packet: &[u8]) -> Option<(DatagramKey, Vec<u8>, usize, bool, &
             let mut header = packet[..IPV6_HEADER].to_vec();
             header[6] = fragment_header[0];
             let offset = usize::from(offset_and_flag & !7);
-            Some((
+            Some(Fragment {
                 key,
                 header,
                 offset,
-                offset_and_flag & 1 == 1,
-                &body[FRAGMENT_HEADER..],
-            ))
+                more: offset_and_flag & 1 == 1,
+                payload: &body[FRAGMENT_HEADER..],
+            })
         }
         _ => None,
     }
