@@ -181,6 +181,11 @@ pub struct Config {
     pub max_udp_flows: usize,
     /// A UDP flow with no traffic either way for this long is closed.
     pub udp_idle_timeout: Duration,
+    /// Most forwarded ICMP echo identities (peer address and echo
+    /// identifier) at once; the least recently used goes first.
+    pub max_icmp_ids: usize,
+    /// An echo identity without requests or replies for this long is closed.
+    pub icmp_idle_timeout: Duration,
     /// Where to serve WireGuard's configuration protocol, for `wg show`
     /// (`--uapi-socket`). WireGuard transport only.
     pub uapi_socket: Option<std::path::PathBuf>,
@@ -204,6 +209,8 @@ impl Config {
             incoming_tcp: Vec::new(),
             max_udp_flows: 4096,
             udp_idle_timeout: Duration::from_secs(180),
+            max_icmp_ids: 1024,
+            icmp_idle_timeout: Duration::from_secs(60),
             uapi_socket: None,
         }
     }

@@ -22,7 +22,8 @@
 //! transmit queue capacity; beyond it they are dropped and counted.
 //!
 //! ## What it handles
-//! - ICMP/ICMPv6 echo to the pingable addresses ([`icmp`]);
+//! - ICMP/ICMPv6 echo: answered for the pingable addresses, forwarded
+//!   through host ping sockets otherwise ([`icmp`]);
 //! - UDP, through endpoint-independent NAT ([`udp`]);
 //! - everything else is counted and dropped.
 
@@ -71,6 +72,31 @@ pub enum SocketAction {
         /// The flow whose socket closes.
         flow: FlowId,
     },
+    /// Open an ICMP echo ("ping") socket for `flow`. If that fails, call
+    /// [`Router::handle_icmp_failed`].
+    IcmpOpen {
+        /// The echo identity that owns the socket.
+        flow: FlowId,
+        /// ICMPv6 (true) or ICMP socket.
+        ipv6: bool,
+    },
+    /// Send an echo request from the socket of `flow` to `dest`, without
+    /// waiting. The socket supplies the identifier.
+    IcmpSend {
+        /// The echo identity whose socket sends.
+        flow: FlowId,
+        /// The address pinged.
+        dest: IpAddr,
+        /// The peer's sequence number.
+        seq_no: u16,
+        /// The echo payload.
+        data: Bytes,
+    },
+    /// Close the ICMP socket of `flow`.
+    IcmpClose {
+        /// The echo identity whose socket closes.
+        flow: FlowId,
+    },
 }
 
 /// Counters of what the router has done and dropped.
@@ -96,6 +122,12 @@ pub struct Stats {
     pub udp_flows_evicted: u64,
     /// UDP flows closed after their idle timeout.
     pub udp_flows_expired: u64,
+    /// Echo identities given a host ping socket.
+    pub icmp_ids_opened: u64,
+    /// Echo identities closed because the table was full.
+    pub icmp_ids_evicted: u64,
+    /// Echo replies from the network delivered to peers.
+    pub echo_replies_forwarded: u64,
 }
 
 /// The router state machine. See the module documentation.
@@ -103,6 +135,7 @@ pub struct Router {
     mtu: usize,
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
+    echo: icmp::EchoNat,
     transmit: VecDeque<BytesMut>,
     transmit_capacity: usize,
     actions: VecDeque<SocketAction>,
@@ -116,6 +149,7 @@ impl Router {
             mtu: usize::from(config.mtu),
             pingable: config.pingable.clone(),
             udp: udp::UdpNat::new(config.max_udp_flows, config.udp_idle_timeout),
+            echo: icmp::EchoNat::new(config.max_icmp_ids, config.icmp_idle_timeout),
             transmit: VecDeque::with_capacity(config.transmit_queue_capacity),
             transmit_capacity: config.transmit_queue_capacity,
             actions: VecDeque::new(),
@@ -160,10 +194,16 @@ impl Router {
                     self.stats.echo_replies += 1;
                     self.transmit(reply);
                 }
-                None => {
-                    tracing::trace!(%dst, "dropped echo request: forwarding not supported");
-                    self.stats.dropped_unsupported += 1;
-                }
+                None => self.echo.outbound(
+                    now,
+                    src,
+                    dst,
+                    ident,
+                    seq_no,
+                    data,
+                    &mut self.actions,
+                    &mut self.stats,
+                ),
             },
             Parsed::Other { protocol } => {
                 tracing::trace!(protocol, "dropped packet of unhandled protocol");
@@ -204,9 +244,35 @@ impl Router {
         self.udp.remove(flow);
     }
 
+    /// An echo reply from `from` arrived on the ICMP socket of `flow`.
+    pub fn handle_echo_reply(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        from: IpAddr,
+        seq_no: u16,
+        data: &[u8],
+    ) {
+        let from = from.to_canonical();
+        let Some((peer, ident)) = self.echo.inbound(now, flow, from) else {
+            return;
+        };
+        if let Some(reply) = packet::build_echo_reply(from, peer, ident, seq_no, data) {
+            self.stats.echo_replies_forwarded += 1;
+            self.transmit(reply);
+        }
+    }
+
+    /// The ICMP socket of `flow` could not be opened or has failed; the
+    /// driver has dropped it.
+    pub fn handle_icmp_failed(&mut self, _now: Instant, flow: FlowId) {
+        self.echo.remove(flow);
+    }
+
     /// The deadline from [`Router::poll_timeout`] has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.udp.expire(now, &mut self.actions, &mut self.stats);
+        self.echo.expire(now, &mut self.actions);
     }
 
     /// The next packet for a peer.
@@ -221,7 +287,10 @@ impl Router {
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.udp.next_expiry()
+        [self.udp.next_expiry(), self.echo.next_expiry()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn transmit(&mut self, packet: BytesMut) {

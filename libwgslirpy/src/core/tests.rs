@@ -89,14 +89,61 @@ fn pingable_answers_echo_v4_and_v6() {
 }
 
 #[test]
-fn echo_to_other_address_is_not_answered() {
+fn echo_to_other_address_is_forwarded_and_the_reply_returns() {
     let mut router = Router::new(&config());
-    router.handle_packet(
-        Instant::now(),
-        &echo_request("10.0.2.15", "10.0.2.99", b"x"),
-    );
+    let now = Instant::now();
+    router.handle_packet(now, &echo_request("10.0.2.15", "198.18.0.1", b"abc"));
     assert!(transmitted(&mut router).is_empty());
-    assert_eq!(router.stats().dropped_unsupported, 1);
+    let acts = actions(&mut router);
+    let SocketAction::IcmpOpen { flow, ipv6: false } = acts[0] else {
+        panic!("expected an ICMP open: {acts:?}");
+    };
+    assert_eq!(
+        acts[1..],
+        [SocketAction::IcmpSend {
+            flow,
+            dest: "198.18.0.1".parse().unwrap(),
+            seq_no: 7,
+            data: Bytes::from_static(b"abc"),
+        }]
+    );
+    // The reply gets the peer's own identifier back.
+    router.handle_echo_reply(now, flow, "198.18.0.1".parse().unwrap(), 7, b"abc");
+    let expected = packet::build_echo_reply(
+        "198.18.0.1".parse().unwrap(),
+        "10.0.2.15".parse().unwrap(),
+        0x1234,
+        7,
+        b"abc",
+    )
+    .unwrap();
+    assert_eq!(transmitted(&mut router), vec![expected]);
+    assert_eq!(router.stats().echo_replies_forwarded, 1);
+}
+
+#[test]
+fn echo_identities_share_a_socket_and_expire() {
+    let config = config();
+    let idle = config.icmp_idle_timeout;
+    let mut router = Router::new(&config);
+    let t0 = Instant::now();
+    router.handle_packet(t0, &echo_request("fd00::2", "fd01::1", b"1"));
+    router.handle_packet(t0, &echo_request("fd00::2", "fd01::9", b"2"));
+    let acts = actions(&mut router);
+    let opens: Vec<_> = acts
+        .iter()
+        .filter(|a| matches!(a, SocketAction::IcmpOpen { ipv6: true, .. }))
+        .collect();
+    assert_eq!(opens.len(), 1, "{acts:?}");
+    let SocketAction::IcmpOpen { flow, .. } = *opens[0] else {
+        unreachable!()
+    };
+    assert_eq!(router.poll_timeout(), Some(t0 + idle));
+    router.handle_timeout(t0 + idle);
+    assert_eq!(actions(&mut router), vec![SocketAction::IcmpClose { flow }]);
+    // A late reply goes nowhere.
+    router.handle_echo_reply(t0 + idle, flow, "fd01::1".parse().unwrap(), 7, b"1");
+    assert!(transmitted(&mut router).is_empty());
 }
 
 #[test]

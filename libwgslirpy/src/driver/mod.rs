@@ -13,6 +13,7 @@
 //! channel; a slow router makes those tasks wait, and the kernel's socket
 //! buffers absorb or drop the excess, per socket.
 
+mod icmp;
 mod udp;
 
 use std::future::Future;
@@ -64,12 +65,20 @@ enum HostEvent {
         from: std::net::SocketAddr,
         payload: bytes::Bytes,
     },
+    /// An echo reply arrived on a flow's ICMP socket.
+    EchoReply {
+        flow: FlowId,
+        from: std::net::IpAddr,
+        seq_no: u16,
+        payload: bytes::Bytes,
+    },
 }
 
 struct Driver {
     router: Router,
     tunnel: TunnelHandle,
     udp: udp::UdpSockets,
+    echo: icmp::EchoSockets,
     events: mpsc::Receiver<HostEvent>,
 }
 
@@ -79,7 +88,8 @@ impl Driver {
         Driver {
             router: Router::new(config),
             tunnel,
-            udp: udp::UdpSockets::new(events_tx),
+            udp: udp::UdpSockets::new(events_tx.clone()),
+            echo: icmp::EchoSockets::new(events_tx),
             events,
         }
     }
@@ -114,6 +124,9 @@ impl Driver {
                         HostEvent::UdpDatagram { flow, from, payload } => {
                             self.router.handle_udp_datagram(Instant::now(), flow, from, &payload);
                         }
+                        HostEvent::EchoReply { flow, from, seq_no, payload } => {
+                            self.router.handle_echo_reply(Instant::now(), flow, from, seq_no, &payload);
+                        }
                     }
                 }
                 () = timer => self.router.handle_timeout(Instant::now()),
@@ -138,6 +151,19 @@ impl Driver {
                     payload,
                 } => self.udp.send(flow, dest, &payload),
                 SocketAction::UdpClose { flow } => self.udp.close(flow),
+                SocketAction::IcmpOpen { flow, ipv6 } => {
+                    if let Err(error) = self.echo.open(flow, ipv6) {
+                        tracing::debug!(flow = flow.0, %error, "cannot open an ICMP socket");
+                        self.router.handle_icmp_failed(Instant::now(), flow);
+                    }
+                }
+                SocketAction::IcmpSend {
+                    flow,
+                    dest,
+                    seq_no,
+                    data,
+                } => self.echo.send(flow, dest, seq_no, &data),
+                SocketAction::IcmpClose { flow } => self.echo.close(flow),
             }
         }
         // Packets wait in the router's bounded queue until the tunnel has
