@@ -25,6 +25,9 @@
 //! - ICMP/ICMPv6 echo: answered for the pingable addresses, forwarded
 //!   through host ping sockets otherwise ([`icmp`]);
 //! - UDP, through endpoint-independent NAT ([`udp`]);
+//! - IP fragments: the peer's are reassembled, and packets for the peer
+//!   over the MTU are fragmented ([`fragment`]);
+//! - the access policy, asked before any new traffic leaves ([`policy`]);
 //! - everything else is counted and dropped.
 
 pub mod flows;
@@ -128,6 +131,14 @@ pub struct Stats {
     pub icmp_ids_evicted: u64,
     /// Echo replies from the network delivered to peers.
     pub echo_replies_forwarded: u64,
+    /// Packets from peers to destinations the access policy denies.
+    pub dropped_policy: u64,
+    /// Fragments from peers dropped (malformed, overlapping, no room).
+    pub dropped_fragments: u64,
+    /// Datagrams from peers put back together from fragments.
+    pub datagrams_reassembled: u64,
+    /// Packets for peers split into fragments to fit the MTU.
+    pub packets_fragmented: u64,
 }
 
 /// The router state machine. See the module documentation.
@@ -136,6 +147,10 @@ pub struct Router {
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
     echo: icmp::EchoNat,
+    policy: policy::Policy,
+    reassembler: fragment::Reassembler,
+    /// Identification of the next packet fragmented toward a peer.
+    next_fragment_ident: u32,
     transmit: VecDeque<BytesMut>,
     transmit_capacity: usize,
     actions: VecDeque<SocketAction>,
@@ -150,6 +165,17 @@ impl Router {
             pingable: config.pingable.clone(),
             udp: udp::UdpNat::new(config.max_udp_flows, config.udp_idle_timeout),
             echo: icmp::EchoNat::new(config.max_icmp_ids, config.icmp_idle_timeout),
+            policy: policy::Policy::new(
+                &[],
+                config.allow.clone(),
+                config.deny.clone(),
+                config.host_address,
+            ),
+            reassembler: fragment::Reassembler::new(
+                config.max_reassembly_bytes,
+                config.reassembly_timeout,
+            ),
+            next_fragment_ident: 0,
             transmit: VecDeque::with_capacity(config.transmit_queue_capacity),
             transmit_capacity: config.transmit_queue_capacity,
             actions: VecDeque::new(),
@@ -162,9 +188,31 @@ impl Router {
         &self.stats
     }
 
+    /// Tells the router the host's own interface addresses, which the access
+    /// policy denies by default. Call it at startup, and again when they
+    /// change.
+    pub fn set_host_addresses(&mut self, addresses: &[IpAddr]) {
+        self.policy.set_host_interfaces(addresses);
+    }
+
     /// A plain IP packet from a peer.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
         self.stats.packets_in += 1;
+        let reassembled;
+        let packet = match self.reassembler.handle(now, packet) {
+            fragment::Reassembly::NotFragment => packet,
+            fragment::Reassembly::Pending => return,
+            fragment::Reassembly::Complete(whole) => {
+                self.stats.datagrams_reassembled += 1;
+                reassembled = whole;
+                &reassembled[..]
+            }
+            fragment::Reassembly::Dropped => {
+                tracing::trace!(len = packet.len(), "dropped fragment from peer");
+                self.stats.dropped_fragments += 1;
+                return;
+            }
+        };
         let parsed = match packet::parse(packet) {
             Ok(parsed) => parsed,
             Err(packet::Drop::Malformed) => {
@@ -180,8 +228,11 @@ impl Router {
         };
         match parsed {
             Parsed::Udp { src, dst, payload } => {
-                self.udp
-                    .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+                if self.permits(packet, dst.ip(), Some(dst.port())) {
+                    let dst = SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port());
+                    self.udp
+                        .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+                }
             }
             Parsed::EchoRequest {
                 src,
@@ -194,16 +245,17 @@ impl Router {
                     self.stats.echo_replies += 1;
                     self.transmit(reply);
                 }
-                None => self.echo.outbound(
+                None if self.permits(packet, dst, None) => self.echo.outbound(
                     now,
                     src,
-                    dst,
+                    self.policy.map_destination(dst),
                     ident,
                     seq_no,
                     data,
                     &mut self.actions,
                     &mut self.stats,
                 ),
+                None => {}
             },
             Parsed::Other { protocol } => {
                 tracing::trace!(protocol, "dropped packet of unhandled protocol");
@@ -220,21 +272,14 @@ impl Router {
         from: SocketAddr,
         payload: &[u8],
     ) {
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let from_ip = self.policy.unmap_source(from.ip().to_canonical());
+        let from = SocketAddr::new(from_ip, from.port());
         let Some(peer_side) = self.udp.inbound(now, flow, from) else {
             return;
         };
-        if packet::udp_packet_len(from.is_ipv6(), payload.len()) > self.mtu {
-            tracing::debug!(
-                flow = flow.0,
-                len = payload.len(),
-                "dropped UDP reply over the MTU"
-            );
-            self.stats.dropped_too_big += 1;
-            return;
-        }
-        if let Some(reply) = packet::build_udp(from, peer_side, payload) {
-            self.transmit(reply);
+        match packet::build_udp(from, peer_side, payload) {
+            Some(reply) => self.transmit(reply),
+            None => self.stats.dropped_too_big += 1,
         }
     }
 
@@ -253,7 +298,7 @@ impl Router {
         seq_no: u16,
         data: &[u8],
     ) {
-        let from = from.to_canonical();
+        let from = self.policy.unmap_source(from.to_canonical());
         let Some((peer, ident)) = self.echo.inbound(now, flow, from) else {
             return;
         };
@@ -273,6 +318,7 @@ impl Router {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.udp.expire(now, &mut self.actions, &mut self.stats);
         self.echo.expire(now, &mut self.actions);
+        self.reassembler.expire(now);
     }
 
     /// The next packet for a peer.
@@ -287,20 +333,53 @@ impl Router {
 
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.udp.next_expiry(), self.echo.next_expiry()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.udp.next_expiry(),
+            self.echo.next_expiry(),
+            self.reassembler.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
+    /// Whether the access policy lets `packet` reach `dst`; if not, the peer
+    /// gets an "administratively prohibited" ICMP error.
+    fn permits(&mut self, packet: &[u8], dst: IpAddr, port: Option<u16>) -> bool {
+        let Err(denial) = self.policy.check(dst, port) else {
+            return true;
+        };
+        tracing::debug!(%dst, ?port, ?denial, "denied by the access policy");
+        self.stats.dropped_policy += 1;
+        if let Some(error) = packet::build_icmp_error(packet, packet::IcmpError::AdminProhibited) {
+            self.transmit(error);
+        }
+        false
+    }
+
+    /// Queues `packet` for the peer, in fragments if it exceeds the MTU. A
+    /// packet whose fragments do not all fit the queue is dropped whole.
     fn transmit(&mut self, packet: BytesMut) {
-        if packet.len() > self.mtu {
+        if packet.len() <= self.mtu {
+            if self.transmit.len() >= self.transmit_capacity {
+                self.stats.dropped_queue_full += 1;
+            } else {
+                self.stats.packets_out += 1;
+                self.transmit.push_back(packet);
+            }
+            return;
+        }
+        let mut pieces = Vec::new();
+        let ident = self.next_fragment_ident;
+        self.next_fragment_ident = self.next_fragment_ident.wrapping_add(1);
+        if !fragment::fragment(&packet, self.mtu, ident, |piece| pieces.push(piece)) {
             self.stats.dropped_too_big += 1;
-        } else if self.transmit.len() >= self.transmit_capacity {
+        } else if self.transmit.len() + pieces.len() > self.transmit_capacity {
             self.stats.dropped_queue_full += 1;
         } else {
-            self.stats.packets_out += 1;
-            self.transmit.push_back(packet);
+            self.stats.packets_fragmented += 1;
+            self.stats.packets_out += pieces.len() as u64;
+            self.transmit.extend(pieces);
         }
     }
 }

@@ -158,6 +158,7 @@ pub struct Policy {
     allow: Vec<Rule>,
     deny: Vec<Rule>,
     default_deny: Vec<Rule>,
+    host_interfaces: Vec<IpAddr>,
     host_address: Option<IpAddr>,
 }
 
@@ -170,20 +171,25 @@ impl Policy {
         deny: Vec<Rule>,
         host_address: Option<IpAddr>,
     ) -> Self {
-        let mut default_deny: Vec<Rule> = DEFAULT_DENY
+        let default_deny = DEFAULT_DENY
             .iter()
             .map(|text| text.parse().expect("valid built-in rule"))
             .collect();
-        default_deny.extend(host_interface_addresses.iter().map(|&ip| Rule {
-            network: IpNetwork::from(ip.to_canonical()),
-            ports: None,
-        }));
-        Policy {
+        let mut policy = Policy {
             allow,
             deny,
             default_deny,
+            host_interfaces: Vec::new(),
             host_address,
-        }
+        };
+        policy.set_host_interfaces(host_interface_addresses);
+        policy
+    }
+
+    /// Replaces the host's own interface addresses, which are denied by
+    /// default (they change when interfaces come and go).
+    pub fn set_host_interfaces(&mut self, addresses: &[IpAddr]) {
+        self.host_interfaces = addresses.iter().map(|ip| ip.to_canonical()).collect();
     }
 
     /// A policy that allows everything: for tests and embedders that filter
@@ -193,6 +199,7 @@ impl Policy {
             allow: Vec::new(),
             deny: Vec::new(),
             default_deny: Vec::new(),
+            host_interfaces: Vec::new(),
             host_address: None,
         }
     }
@@ -222,10 +229,22 @@ impl Policy {
         if self.allow.iter().any(|rule| rule.matches(dst, port)) {
             return Ok(());
         }
-        if self.default_deny.iter().any(|rule| rule.matches(dst, port)) {
+        if self.default_deny.iter().any(|rule| rule.matches(dst, port))
+            || self.host_interfaces.contains(&dst)
+        {
             return Err(Denial::Default);
         }
         Ok(())
+    }
+
+    /// The inverse of [`Policy::map_destination`] for the source of a reply:
+    /// the host's loopback, seen from inside the tunnel, is the
+    /// `--host-address`.
+    pub fn unmap_source(&self, src: IpAddr) -> IpAddr {
+        match self.host_address {
+            Some(host) if src.is_loopback() && src.is_ipv4() == host.is_ipv4() => host,
+            _ => src,
+        }
     }
 }
 
@@ -315,6 +334,9 @@ mod tests {
         assert_eq!(policy.check(ip("10.0.2.2"), Some(22)), Ok(()));
         assert_eq!(policy.map_destination(ip("10.0.2.2")), ip("127.0.0.1"));
         assert_eq!(policy.map_destination(ip("10.0.2.3")), ip("10.0.2.3"));
+        assert_eq!(policy.unmap_source(ip("127.0.0.1")), ip("10.0.2.2"));
+        assert_eq!(policy.unmap_source(ip("::1")), ip("::1"));
+        assert_eq!(policy.unmap_source(ip("198.18.2.2")), ip("198.18.2.2"));
         // Loopback itself stays denied.
         assert_eq!(
             policy.check(ip("127.0.0.1"), Some(22)),

@@ -286,22 +286,88 @@ fn failed_udp_socket_removes_the_flow() {
 }
 
 #[test]
-fn udp_reply_over_the_mtu_is_dropped_and_counted() {
+fn udp_reply_over_the_mtu_is_fragmented_and_the_peers_fragments_reassembled() {
     let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    let server = sa("198.18.0.1:7");
+    router.handle_packet(now, &packet::build_udp(peer, server, b"q").unwrap());
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    actions(&mut router);
+    let big: Vec<u8> = (0..20_000).map(|i| i as u8).collect();
+    router.handle_udp_datagram(now, flow, server, &big);
+    let pieces = transmitted(&mut router);
+    assert_eq!(pieces.len(), 15);
+    assert!(pieces.iter().all(|p| p.len() <= 1420));
+    assert_eq!(router.stats().packets_fragmented, 1);
+
+    // The peer's own fragments come back together into one datagram.
+    let whole = packet::build_udp(peer, server, &big).unwrap();
+    let mut from_peer = Vec::new();
+    fragment::fragment(&whole, 1280, 99, |piece| from_peer.push(piece));
+    for piece in &from_peer {
+        router.handle_packet(now, piece);
+    }
+    assert_eq!(router.stats().datagrams_reassembled, 1);
+    assert_eq!(
+        actions(&mut router),
+        vec![SocketAction::UdpSend {
+            flow,
+            dest: server,
+            payload: Bytes::from(big),
+        }]
+    );
+}
+
+#[test]
+fn denied_destinations_get_admin_prohibited_and_open_nothing() {
+    let mut router = Router::new(&config());
+    router.set_host_addresses(&["198.18.1.1".parse().unwrap()]);
+    let now = Instant::now();
+    let denied = [
+        packet::build_udp(sa("10.0.2.15:5000"), sa("127.0.0.1:22"), b"x").unwrap(),
+        packet::build_udp(sa("10.0.2.15:5000"), sa("198.18.1.1:53"), b"x").unwrap(),
+        packet::build_udp(sa("[fd00::2]:5000"), sa("[fe80::1]:53"), b"x").unwrap(),
+        echo_request("10.0.2.15", "169.254.169.254", b"x"),
+    ];
+    for packet in &denied {
+        router.handle_packet(now, packet);
+        let errors = transmitted(&mut router);
+        assert_eq!(errors.len(), 1);
+        let expected =
+            packet::build_icmp_error(packet, packet::IcmpError::AdminProhibited).unwrap();
+        assert_eq!(errors[0], expected);
+    }
+    assert!(actions(&mut router).is_empty());
+    assert_eq!(router.stats().dropped_policy, 4);
+}
+
+#[test]
+fn host_address_reaches_the_hosts_loopback() {
+    let mut config = config();
+    config.host_address = Some("10.0.2.2".parse().unwrap());
+    let mut router = Router::new(&config);
     let now = Instant::now();
     let peer = sa("10.0.2.15:5000");
     router.handle_packet(
         now,
-        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+        &packet::build_udp(peer, sa("10.0.2.2:8080"), b"q").unwrap(),
     );
-    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
-        panic!("no open");
+    let acts = actions(&mut router);
+    let SocketAction::UdpOpen { flow, .. } = acts[0] else {
+        panic!("{acts:?}");
     };
-    let fits = vec![0; 1420 - 28];
-    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &fits);
-    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &[0; 1420 - 27]);
-    assert_eq!(transmitted(&mut router).len(), 1);
-    assert_eq!(router.stats().dropped_too_big, 1);
+    assert!(matches!(
+        &acts[1],
+        SocketAction::UdpSend { dest, .. } if *dest == sa("127.0.0.1:8080")
+    ));
+    router.handle_udp_datagram(now, flow, sa("127.0.0.1:8080"), b"a");
+    assert_eq!(
+        transmitted(&mut router),
+        vec![packet::build_udp(sa("10.0.2.2:8080"), peer, b"a").unwrap()]
+    );
 }
 
 #[test]

@@ -56,6 +56,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Driver::new(&config, tunnel).run(shutdown).await
 }
 
+/// The addresses of the host's own interfaces, which the access policy
+/// denies by default. If they cannot be listed, that is logged and the
+/// other default denials still apply.
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    let interfaces = match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => interfaces,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the host's addresses; they are not denied");
+            return Vec::new();
+        }
+    };
+    let addresses: Vec<std::net::IpAddr> = interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(v4.ip().into())
+            } else {
+                address.as_sockaddr_in6().map(|v6| v6.ip().into())
+            }
+        })
+        .collect();
+    tracing::debug!(?addresses, "the host's own addresses, denied by default");
+    addresses
+}
+
 /// What host sockets report to the router task.
 #[derive(Debug)]
 enum HostEvent {
@@ -85,8 +110,10 @@ struct Driver {
 impl Driver {
     fn new(config: &Config, tunnel: TunnelHandle) -> Self {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
+        let mut router = Router::new(config);
+        router.set_host_addresses(&host_addresses());
         Driver {
-            router: Router::new(config),
+            router,
             tunnel,
             udp: udp::UdpSockets::new(events_tx.clone()),
             echo: icmp::EchoSockets::new(events_tx),
