@@ -131,6 +131,8 @@ pub struct Stats {
     pub icmp_ids_evicted: u64,
     /// Echo replies from the network delivered to peers.
     pub echo_replies_forwarded: u64,
+    /// ICMP errors about UDP datagrams relayed to peers.
+    pub udp_errors_relayed: u64,
     /// Packets from peers to destinations the access policy denies.
     pub dropped_policy: u64,
     /// Fragments from peers dropped (malformed, overlapping, no room).
@@ -280,6 +282,30 @@ impl Router {
         match packet::build_udp(from, peer_side, payload) {
             Some(reply) => self.transmit(reply),
             None => self.stats.dropped_too_big += 1,
+        }
+    }
+
+    /// A datagram sent from the socket of UDP `flow` to `dest` drew the ICMP
+    /// error `why`: the peer gets the matching ICMP error, as if from `dest`.
+    pub fn handle_udp_unreachable(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        dest: SocketAddr,
+        why: packet::IcmpError,
+    ) {
+        let dest_ip = self.policy.unmap_source(dest.ip().to_canonical());
+        let dest = SocketAddr::new(dest_ip, dest.port());
+        let Some(peer_side) = self.udp.inbound(now, flow, dest) else {
+            return;
+        };
+        // The error quotes a stand-in for the peer's datagram: the peer
+        // matches errors by addresses and ports, which it has.
+        let error = packet::build_udp(peer_side, dest, &[])
+            .and_then(|original| packet::build_icmp_error(&original, why));
+        if let Some(error) = error {
+            self.stats.udp_errors_relayed += 1;
+            self.transmit(error);
         }
     }
 

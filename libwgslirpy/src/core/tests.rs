@@ -395,3 +395,20 @@ fn garbage_is_counted_not_fatal() {
     router.handle_packet(now, &echo_request("10.0.2.15", "10.0.2.1", b"x"));
     assert_eq!(transmitted(&mut router).len(), 1);
 }
+
+#[test]
+fn udp_port_unreachable_reaches_the_peer_as_icmp() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("[fd00::2]:5000");
+    let server = sa("[fd01::1]:9");
+    router.handle_packet(now, &packet::build_udp(peer, server, b"q").unwrap());
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    router.handle_udp_unreachable(now, flow, server, packet::IcmpError::PortUnreachable);
+    let original = packet::build_udp(peer, server, b"").unwrap();
+    let expected = packet::build_icmp_error(&original, packet::IcmpError::PortUnreachable).unwrap();
+    assert_eq!(transmitted(&mut router), vec![expected]);
+    assert_eq!(router.stats().udp_errors_relayed, 1);
+}

@@ -90,6 +90,12 @@ enum HostEvent {
         from: std::net::SocketAddr,
         payload: bytes::Bytes,
     },
+    /// A destination of a flow's UDP socket answered with an ICMP error.
+    UdpUnreachable {
+        flow: FlowId,
+        dest: std::net::SocketAddr,
+        why: crate::core::packet::IcmpError,
+    },
     /// An echo reply arrived on a flow's ICMP socket.
     EchoReply {
         flow: FlowId,
@@ -150,6 +156,9 @@ impl Driver {
                     match event {
                         HostEvent::UdpDatagram { flow, from, payload } => {
                             self.router.handle_udp_datagram(Instant::now(), flow, from, &payload);
+                        }
+                        HostEvent::UdpUnreachable { flow, dest, why } => {
+                            self.router.handle_udp_unreachable(Instant::now(), flow, dest, why);
                         }
                         HostEvent::EchoReply { flow, from, seq_no, payload } => {
                             self.router.handle_echo_reply(Instant::now(), flow, from, seq_no, &payload);
