@@ -28,9 +28,11 @@
 //! - IP fragments: the peer's are reassembled, and packets for the peer
 //!   over the MTU are fragmented ([`fragment`]);
 //! - the access policy, asked before any new traffic leaves ([`policy`]);
+//! - reverse UDP forwards from host ports into the tunnel ([`forward`]);
 //! - everything else is counted and dropped.
 
 pub mod flows;
+pub mod forward;
 pub mod fragment;
 pub mod icmp;
 pub mod packet;
@@ -100,6 +102,17 @@ pub enum SocketAction {
         /// The echo identity whose socket closes.
         flow: FlowId,
     },
+    /// Send `payload` out of the HOST socket of reverse UDP forward
+    /// `forward` (its index in the `-u` list) to the host-side sender `to`,
+    /// without waiting.
+    ForwardUdpSend {
+        /// The forward's index.
+        forward: usize,
+        /// The host-side sender.
+        to: SocketAddr,
+        /// The datagram.
+        payload: Bytes,
+    },
 }
 
 /// Counters of what the router has done and dropped.
@@ -131,6 +144,12 @@ pub struct Stats {
     pub icmp_ids_evicted: u64,
     /// Echo replies from the network delivered to peers.
     pub echo_replies_forwarded: u64,
+    /// Datagrams carried by reverse UDP forwards, into the tunnel.
+    pub forward_datagrams_in: u64,
+    /// Replies carried by reverse UDP forwards, back to host-side senders.
+    pub forward_datagrams_out: u64,
+    /// Datagrams on reverse UDP forwards that could not be carried.
+    pub dropped_forward: u64,
     /// ICMP errors about UDP datagrams relayed to peers.
     pub udp_errors_relayed: u64,
     /// Packets from peers to destinations the access policy denies.
@@ -149,6 +168,7 @@ pub struct Router {
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
     echo: icmp::EchoNat,
+    reverse_udp: forward::ReverseUdp,
     policy: policy::Policy,
     reassembler: fragment::Reassembler,
     /// Identification of the next packet fragmented toward a peer.
@@ -167,6 +187,11 @@ impl Router {
             pingable: config.pingable.clone(),
             udp: udp::UdpNat::new(config.max_udp_flows, config.udp_idle_timeout),
             echo: icmp::EchoNat::new(config.max_icmp_ids, config.icmp_idle_timeout),
+            reverse_udp: forward::ReverseUdp::new(
+                config.incoming_udp.clone(),
+                config.max_udp_flows,
+                config.udp_idle_timeout,
+            ),
             policy: policy::Policy::new(
                 &[],
                 config.allow.clone(),
@@ -230,7 +255,14 @@ impl Router {
         };
         match parsed {
             Parsed::Udp { src, dst, payload } => {
-                if self.permits(packet, dst.ip(), Some(dst.port())) {
+                if let Some(reply) = self.reverse_udp.from_tunnel(now, src, dst) {
+                    self.stats.forward_datagrams_out += 1;
+                    self.actions.push_back(SocketAction::ForwardUdpSend {
+                        forward: reply.forward,
+                        to: reply.to,
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                } else if self.permits(packet, dst.ip(), Some(dst.port())) {
                     let dst = SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port());
                     self.udp
                         .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
@@ -282,6 +314,31 @@ impl Router {
         match packet::build_udp(from, peer_side, payload) {
             Some(reply) => self.transmit(reply),
             None => self.stats.dropped_too_big += 1,
+        }
+    }
+
+    /// A datagram from the host-side sender `from` arrived on the HOST socket
+    /// of reverse UDP forward `forward`.
+    pub fn handle_forward_datagram(
+        &mut self,
+        now: Instant,
+        forward: usize,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
+        let packet = self
+            .reverse_udp
+            .from_host(now, forward, from)
+            .and_then(|out| packet::build_udp(out.source, out.dest, payload));
+        match packet {
+            Some(packet) => {
+                self.stats.forward_datagrams_in += 1;
+                self.transmit(packet);
+            }
+            None => {
+                tracing::debug!(forward, %from, "reverse UDP datagram dropped");
+                self.stats.dropped_forward += 1;
+            }
         }
     }
 
@@ -344,6 +401,7 @@ impl Router {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.udp.expire(now, &mut self.actions, &mut self.stats);
         self.echo.expire(now, &mut self.actions);
+        self.reverse_udp.expire(now);
         self.reassembler.expire(now);
     }
 
@@ -362,6 +420,7 @@ impl Router {
         [
             self.udp.next_expiry(),
             self.echo.next_expiry(),
+            self.reverse_udp.next_expiry(),
             self.reassembler.next_expiry(),
         ]
         .into_iter()

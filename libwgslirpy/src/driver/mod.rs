@@ -13,6 +13,7 @@
 //! channel; a slow router makes those tasks wait, and the kernel's socket
 //! buffers absorb or drop the excess, per socket.
 
+mod forward;
 mod icmp;
 mod udp;
 
@@ -39,6 +40,17 @@ pub enum RunError {
     /// The tunnel transport could not start.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// A reverse forward's HOST address could not be bound.
+    #[error("cannot listen on {addr} for {flag}")]
+    ForwardBind {
+        /// The flag of the forward, `-u` or `-t`.
+        flag: &'static str,
+        /// The HOST address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The tunnel transport stopped on its own.
     #[error("the tunnel transport stopped unexpectedly")]
     TunnelClosed,
@@ -51,9 +63,19 @@ pub enum RunError {
 /// else happens. Must be called within a tokio runtime.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.validate()?;
+    let udp_forwards =
+        forward::UdpForwards::bind(&config.incoming_udp).map_err(|(addr, source)| {
+            RunError::ForwardBind {
+                flag: "-u",
+                addr,
+                source,
+            }
+        })?;
     let tunnel = tunnel::start(&config).await?;
     tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
-    Driver::new(&config, tunnel).run(shutdown).await
+    Driver::new(&config, tunnel, udp_forwards)
+        .run(shutdown)
+        .await
 }
 
 /// The addresses of the host's own interfaces, which the access policy
@@ -96,6 +118,12 @@ enum HostEvent {
         dest: std::net::SocketAddr,
         why: crate::core::packet::IcmpError,
     },
+    /// A datagram arrived on a reverse UDP forward's HOST socket.
+    ForwardDatagram {
+        forward: usize,
+        from: std::net::SocketAddr,
+        payload: bytes::Bytes,
+    },
     /// An echo reply arrived on a flow's ICMP socket.
     EchoReply {
         flow: FlowId,
@@ -110,12 +138,14 @@ struct Driver {
     tunnel: TunnelHandle,
     udp: udp::UdpSockets,
     echo: icmp::EchoSockets,
+    udp_forwards: forward::UdpForwards,
     events: mpsc::Receiver<HostEvent>,
 }
 
 impl Driver {
-    fn new(config: &Config, tunnel: TunnelHandle) -> Self {
+    fn new(config: &Config, tunnel: TunnelHandle, mut udp_forwards: forward::UdpForwards) -> Self {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
+        udp_forwards.start(&events_tx);
         let mut router = Router::new(config);
         router.set_host_addresses(&host_addresses());
         Driver {
@@ -123,6 +153,7 @@ impl Driver {
             tunnel,
             udp: udp::UdpSockets::new(events_tx.clone()),
             echo: icmp::EchoSockets::new(events_tx),
+            udp_forwards,
             events,
         }
     }
@@ -159,6 +190,9 @@ impl Driver {
                         }
                         HostEvent::UdpUnreachable { flow, dest, why } => {
                             self.router.handle_udp_unreachable(Instant::now(), flow, dest, why);
+                        }
+                        HostEvent::ForwardDatagram { forward, from, payload } => {
+                            self.router.handle_forward_datagram(Instant::now(), forward, from, &payload);
                         }
                         HostEvent::EchoReply { flow, from, seq_no, payload } => {
                             self.router.handle_echo_reply(Instant::now(), flow, from, seq_no, &payload);
@@ -200,6 +234,11 @@ impl Driver {
                     data,
                 } => self.echo.send(flow, dest, seq_no, &data),
                 SocketAction::IcmpClose { flow } => self.echo.close(flow),
+                SocketAction::ForwardUdpSend {
+                    forward,
+                    to,
+                    payload,
+                } => self.udp_forwards.send(forward, to, &payload),
             }
         }
         // Packets wait in the router's bounded queue until the tunnel has
