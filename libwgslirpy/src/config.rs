@@ -202,6 +202,22 @@ pub struct Config {
     /// A TCP connection with no traffic either way for this long is reset
     /// (`--tcp-idle-timeout`).
     pub tcp_idle_timeout: Duration,
+    /// Most forwarded ICMP echo identities (peer address and echo
+    /// identifier) at once; the least recently used goes first.
+    pub max_icmp_ids: usize,
+    /// An echo identity without requests or replies for this long is closed.
+    pub icmp_idle_timeout: Duration,
+    /// Destinations opened despite the default denials (`--allow`).
+    pub allow: Vec<crate::core::policy::Rule>,
+    /// Destinations denied besides the defaults (`--deny`); wins over allow.
+    pub deny: Vec<crate::core::policy::Rule>,
+    /// An address inside the tunnel that reaches the host's loopback
+    /// (`--host-address`).
+    pub host_address: Option<IpAddr>,
+    /// Most bytes of the peers' fragments held for reassembly at once.
+    pub max_reassembly_bytes: usize,
+    /// An incomplete fragmented datagram is dropped after this long.
+    pub reassembly_timeout: Duration,
     /// Where to serve WireGuard's configuration protocol, for `wg show`
     /// (`--uapi-socket`). WireGuard transport only.
     pub uapi_socket: Option<std::path::PathBuf>,
@@ -232,6 +248,13 @@ impl Config {
             max_tcp_pending_connects: 1024,
             tcp_connect_timeout: Duration::from_secs(30),
             tcp_idle_timeout: Duration::from_secs(7200),
+            max_icmp_ids: 1024,
+            icmp_idle_timeout: Duration::from_secs(60),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            host_address: None,
+            max_reassembly_bytes: 4 << 20,
+            reassembly_timeout: Duration::from_secs(30),
             uapi_socket: None,
         }
     }

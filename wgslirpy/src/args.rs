@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use libwgslirpy::Config;
 use libwgslirpy::config::{Forward, Key, PeerConfig, Transport};
+use libwgslirpy::core::policy::Rule;
 
 /// The `-k` keyword that, with `-K GUE`, selects raw IP over UDP.
 const INSECURE: &str = "INSECURE";
@@ -146,6 +147,30 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..))]
     tcp_idle_timeout: u64,
 
+    /// Let peers reach this denied destination: CIDR, CIDR:PORT or CIDR:LOW-HIGH (IPv6 as
+    /// [CIDR]:PORT). Repeatable. By default the host's loopback and own addresses, link-local,
+    /// unspecified, multicast and broadcast addresses are denied.
+    #[arg(long, value_name = "RULE")]
+    allow: Vec<Rule>,
+
+    /// Deny peers this destination too, in the same syntax as --allow; wins over --allow.
+    /// Repeatable.
+    #[arg(long, value_name = "RULE")]
+    deny: Vec<Rule>,
+
+    /// Map this address inside the tunnel to the host's loopback, so that peers can reach
+    /// services on the gateway host itself (like slirp's 10.0.2.2).
+    #[arg(long, value_name = "IP")]
+    host_address: Option<IpAddr>,
+
+    /// Most bytes of fragments from peers held for reassembly at once.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    max_reassembly_bytes: usize,
+
+    /// Most ICMP echo identities (peer address and echo identifier) forwarded at once.
+    #[arg(long, value_name = "IDS", default_value_t = 1024)]
+    max_icmp_ids: usize,
+
     /// Serve WireGuard's configuration protocol on this UNIX socket, so that `wg show` works:
     /// with /var/run/wireguard/NAME.sock, `wg show NAME` reports the peers and their state.
     #[arg(long, value_name = "PATH")]
@@ -186,6 +211,11 @@ impl GatewayArgs {
         config.incoming_udp = self.incoming_udp;
         config.incoming_tcp = self.incoming_tcp;
         config.uapi_socket = self.uapi_socket;
+        config.allow = self.allow;
+        config.deny = self.deny;
+        config.host_address = self.host_address;
+        config.max_reassembly_bytes = self.max_reassembly_bytes;
+        config.max_icmp_ids = self.max_icmp_ids;
         config.validate()?;
         Ok(config)
     }

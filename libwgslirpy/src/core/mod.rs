@@ -23,16 +23,24 @@
 //! transmit queue capacity; beyond it they are dropped and counted.
 //!
 //! ## What it handles
-//! - ICMP/ICMPv6 echo to the pingable addresses ([`icmp`]);
+//! - ICMP/ICMPv6 echo: answered for the pingable addresses, forwarded
+//!   through host ping sockets otherwise ([`icmp`]);
 //! - UDP to the `-D` address and port: the DNS server ([`dns`]);
 //! - TCP, terminated here and relayed over host sockets ([`tcp`]);
 //! - UDP, through endpoint-independent NAT ([`udp`]);
+//! - IP fragments: the peer's are reassembled, and packets for the peer
+//!   over the MTU are fragmented ([`fragment`]);
+//! - the access policy, asked before any new traffic leaves ([`policy`]);
+//! - reverse UDP forwards from host ports into the tunnel ([`forward`]);
 //! - everything else is counted and dropped.
 
 pub mod dns;
 pub mod flows;
+pub mod forward;
+pub mod fragment;
 pub mod icmp;
 pub mod packet;
+pub mod policy;
 pub mod tcp;
 pub mod udp;
 
@@ -149,6 +157,42 @@ pub enum SocketAction {
         /// The query given up on.
         query: DnsQueryId,
     },
+    /// Open an ICMP echo ("ping") socket for `flow`. If that fails, call
+    /// [`Router::handle_icmp_failed`].
+    IcmpOpen {
+        /// The echo identity that owns the socket.
+        flow: FlowId,
+        /// ICMPv6 (true) or ICMP socket.
+        ipv6: bool,
+    },
+    /// Send an echo request from the socket of `flow` to `dest`, without
+    /// waiting. The socket supplies the identifier.
+    IcmpSend {
+        /// The echo identity whose socket sends.
+        flow: FlowId,
+        /// The address pinged.
+        dest: IpAddr,
+        /// The peer's sequence number.
+        seq_no: u16,
+        /// The echo payload.
+        data: Bytes,
+    },
+    /// Close the ICMP socket of `flow`.
+    IcmpClose {
+        /// The echo identity whose socket closes.
+        flow: FlowId,
+    },
+    /// Send `payload` out of the HOST socket of reverse UDP forward
+    /// `forward` (its index in the `-u` list) to the host-side sender `to`,
+    /// without waiting.
+    ForwardUdpSend {
+        /// The forward's index.
+        forward: usize,
+        /// The host-side sender.
+        to: SocketAddr,
+        /// The datagram.
+        payload: Bytes,
+    },
 }
 
 /// Counters of what the router has done and dropped.
@@ -223,6 +267,28 @@ pub struct Stats {
     pub tcp_retransmit_timeouts: u64,
     /// TCP connections reset after their idle timeout.
     pub tcp_idle_closed: u64,
+    /// Echo identities given a host ping socket.
+    pub icmp_ids_opened: u64,
+    /// Echo identities closed because the table was full.
+    pub icmp_ids_evicted: u64,
+    /// Echo replies from the network delivered to peers.
+    pub echo_replies_forwarded: u64,
+    /// Datagrams carried by reverse UDP forwards, into the tunnel.
+    pub forward_datagrams_in: u64,
+    /// Replies carried by reverse UDP forwards, back to host-side senders.
+    pub forward_datagrams_out: u64,
+    /// Datagrams on reverse UDP forwards that could not be carried.
+    pub dropped_forward: u64,
+    /// ICMP errors about UDP datagrams relayed to peers.
+    pub udp_errors_relayed: u64,
+    /// Packets from peers to destinations the access policy denies.
+    pub dropped_policy: u64,
+    /// Fragments from peers dropped (malformed, overlapping, no room).
+    pub dropped_fragments: u64,
+    /// Datagrams from peers put back together from fragments.
+    pub datagrams_reassembled: u64,
+    /// Packets for peers split into fragments to fit the MTU.
+    pub packets_fragmented: u64,
 }
 
 /// The router state machine. See the module documentation.
@@ -231,6 +297,12 @@ pub struct Router {
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
     dns: Option<dns::DnsServer>,
+    echo: icmp::EchoNat,
+    reverse_udp: forward::ReverseUdp,
+    policy: policy::Policy,
+    reassembler: fragment::Reassembler,
+    /// Identification of the next packet fragmented toward a peer.
+    next_fragment_ident: u32,
     transmit: VecDeque<BytesMut>,
     transmit_capacity: usize,
     actions: VecDeque<SocketAction>,
@@ -259,6 +331,23 @@ impl Router {
             dns: config
                 .dns
                 .map(|addr| dns::DnsServer::new(addr, config.dns_timeout, config.max_dns_queries)),
+            echo: icmp::EchoNat::new(config.max_icmp_ids, config.icmp_idle_timeout),
+            reverse_udp: forward::ReverseUdp::new(
+                config.incoming_udp.clone(),
+                config.max_udp_flows,
+                config.udp_idle_timeout,
+            ),
+            policy: policy::Policy::new(
+                &[],
+                config.allow.clone(),
+                config.deny.clone(),
+                config.host_address,
+            ),
+            reassembler: fragment::Reassembler::new(
+                config.max_reassembly_bytes,
+                config.reassembly_timeout,
+            ),
+            next_fragment_ident: 0,
             transmit: VecDeque::with_capacity(config.transmit_queue_capacity),
             transmit_capacity: config.transmit_queue_capacity,
             actions: VecDeque::new(),
@@ -273,10 +362,32 @@ impl Router {
         &self.stats
     }
 
+    /// Tells the router the host's own interface addresses, which the access
+    /// policy denies by default. Call it at startup, and again when they
+    /// change.
+    pub fn set_host_addresses(&mut self, addresses: &[IpAddr]) {
+        self.policy.set_host_interfaces(addresses);
+    }
+
     /// A plain IP packet from a peer.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = Some(now);
         self.stats.packets_in += 1;
+        let reassembled;
+        let packet = match self.reassembler.handle(now, packet) {
+            fragment::Reassembly::NotFragment => packet,
+            fragment::Reassembly::Pending => return,
+            fragment::Reassembly::Complete(whole) => {
+                self.stats.datagrams_reassembled += 1;
+                reassembled = whole;
+                &reassembled[..]
+            }
+            fragment::Reassembly::Dropped => {
+                tracing::trace!(len = packet.len(), "dropped fragment from peer");
+                self.stats.dropped_fragments += 1;
+                return;
+            }
+        };
         let parsed = match packet::parse(packet) {
             Ok(parsed) => parsed,
             Err(packet::Drop::Malformed) => {
@@ -297,12 +408,36 @@ impl Router {
                 self.dns_query(now, src, dst, payload)
             }
             Parsed::Udp { src, dst, payload } => {
-                self.udp
-                    .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+                if let Some(reply) = self.reverse_udp.from_tunnel(now, src, dst) {
+                    self.stats.forward_datagrams_out += 1;
+                    self.actions.push_back(SocketAction::ForwardUdpSend {
+                        forward: reply.forward,
+                        to: reply.to,
+                        payload: Bytes::copy_from_slice(payload),
+                    });
+                } else if self.permits(packet, dst.ip(), Some(dst.port())) {
+                    let dst = SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port());
+                    self.udp
+                        .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+                }
             }
             Parsed::Tcp { src, dst, segment } => {
-                self.tcp
-                    .segment(now, src, dst, &segment, &mut self.actions, &mut self.stats);
+                // Only a SYN can open a connection, so only a SYN asks the policy.
+                let connect_to = if segment.syn && segment.ack.is_none() {
+                    self.policy_admits(dst.ip(), Some(dst.port()))
+                        .then(|| SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port()))
+                } else {
+                    Some(dst)
+                };
+                self.tcp.segment(
+                    now,
+                    src,
+                    dst,
+                    connect_to,
+                    &segment,
+                    &mut self.actions,
+                    &mut self.stats,
+                );
                 self.flush_tcp();
             }
             Parsed::EchoRequest {
@@ -316,10 +451,17 @@ impl Router {
                     self.stats.echo_replies += 1;
                     self.transmit(reply);
                 }
-                None => {
-                    tracing::trace!(%dst, "dropped echo request: forwarding not supported");
-                    self.stats.dropped_unsupported += 1;
-                }
+                None if self.permits(packet, dst, None) => self.echo.outbound(
+                    now,
+                    src,
+                    self.policy.map_destination(dst),
+                    ident,
+                    seq_no,
+                    data,
+                    &mut self.actions,
+                    &mut self.stats,
+                ),
+                None => {}
             },
             Parsed::Other { protocol } => {
                 tracing::trace!(protocol, "dropped packet of unhandled protocol");
@@ -336,21 +478,63 @@ impl Router {
         from: SocketAddr,
         payload: &[u8],
     ) {
-        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        let from_ip = self.policy.unmap_source(from.ip().to_canonical());
+        let from = SocketAddr::new(from_ip, from.port());
         let Some(peer_side) = self.udp.inbound(now, flow, from) else {
             return;
         };
-        if packet::udp_packet_len(from.is_ipv6(), payload.len()) > self.mtu {
-            tracing::debug!(
-                flow = flow.0,
-                len = payload.len(),
-                "dropped UDP reply over the MTU"
-            );
-            self.stats.dropped_too_big += 1;
-            return;
+        match packet::build_udp(from, peer_side, payload) {
+            Some(reply) => self.transmit(reply),
+            None => self.stats.dropped_too_big += 1,
         }
-        if let Some(reply) = packet::build_udp(from, peer_side, payload) {
-            self.transmit(reply);
+    }
+
+    /// A datagram from the host-side sender `from` arrived on the HOST socket
+    /// of reverse UDP forward `forward`.
+    pub fn handle_forward_datagram(
+        &mut self,
+        now: Instant,
+        forward: usize,
+        from: SocketAddr,
+        payload: &[u8],
+    ) {
+        let packet = self
+            .reverse_udp
+            .from_host(now, forward, from)
+            .and_then(|out| packet::build_udp(out.source, out.dest, payload));
+        match packet {
+            Some(packet) => {
+                self.stats.forward_datagrams_in += 1;
+                self.transmit(packet);
+            }
+            None => {
+                tracing::debug!(forward, %from, "reverse UDP datagram dropped");
+                self.stats.dropped_forward += 1;
+            }
+        }
+    }
+
+    /// A datagram sent from the socket of UDP `flow` to `dest` drew the ICMP
+    /// error `why`: the peer gets the matching ICMP error, as if from `dest`.
+    pub fn handle_udp_unreachable(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        dest: SocketAddr,
+        why: packet::IcmpError,
+    ) {
+        let dest_ip = self.policy.unmap_source(dest.ip().to_canonical());
+        let dest = SocketAddr::new(dest_ip, dest.port());
+        let Some(peer_side) = self.udp.inbound(now, flow, dest) else {
+            return;
+        };
+        // The error quotes a stand-in for the peer's datagram: the peer
+        // matches errors by addresses and ports, which it has.
+        let error = packet::build_udp(peer_side, dest, &[])
+            .and_then(|original| packet::build_icmp_error(&original, why));
+        if let Some(error) = error {
+            self.stats.udp_errors_relayed += 1;
+            self.transmit(error);
         }
     }
 
@@ -424,6 +608,31 @@ impl Router {
         self.flush_tcp();
     }
 
+    /// An echo reply from `from` arrived on the ICMP socket of `flow`.
+    pub fn handle_echo_reply(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        from: IpAddr,
+        seq_no: u16,
+        data: &[u8],
+    ) {
+        let from = self.policy.unmap_source(from.to_canonical());
+        let Some((peer, ident)) = self.echo.inbound(now, flow, from) else {
+            return;
+        };
+        if let Some(reply) = packet::build_echo_reply(from, peer, ident, seq_no, data) {
+            self.stats.echo_replies_forwarded += 1;
+            self.transmit(reply);
+        }
+    }
+
+    /// The ICMP socket of `flow` could not be opened or has failed; the
+    /// driver has dropped it.
+    pub fn handle_icmp_failed(&mut self, _now: Instant, flow: FlowId) {
+        self.echo.remove(flow);
+    }
+
     /// The deadline from [`Router::poll_timeout`] has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = Some(now);
@@ -440,6 +649,9 @@ impl Router {
                 self.transmit_dns(server, answer);
             }
         }
+        self.echo.expire(now, &mut self.actions);
+        self.reverse_udp.expire(now);
+        self.reassembler.expire(now);
     }
 
     /// The next packet for a peer.
@@ -474,10 +686,17 @@ impl Router {
     /// When [`Router::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let dns = self.dns.as_ref().and_then(dns::DnsServer::next_deadline);
-        [self.udp.next_expiry(), dns, self.tcp.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.udp.next_expiry(),
+            dns,
+            self.tcp.next_deadline(),
+            self.echo.next_expiry(),
+            self.reverse_udp.next_expiry(),
+            self.reassembler.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// A UDP datagram from `src` to the DNS server at `dst`.
@@ -519,14 +738,52 @@ impl Router {
         }
     }
 
+    /// Whether the access policy lets a peer reach `dst`; a denial is
+    /// counted and logged.
+    fn policy_admits(&mut self, dst: IpAddr, port: Option<u16>) -> bool {
+        let Err(denial) = self.policy.check(dst, port) else {
+            return true;
+        };
+        tracing::debug!(%dst, ?port, ?denial, "denied by the access policy");
+        self.stats.dropped_policy += 1;
+        false
+    }
+
+    /// Whether the access policy lets `packet` reach `dst`; if not, the peer
+    /// gets an "administratively prohibited" ICMP error.
+    fn permits(&mut self, packet: &[u8], dst: IpAddr, port: Option<u16>) -> bool {
+        if self.policy_admits(dst, port) {
+            return true;
+        }
+        if let Some(error) = packet::build_icmp_error(packet, packet::IcmpError::AdminProhibited) {
+            self.transmit(error);
+        }
+        false
+    }
+
+    /// Queues `packet` for the peer, in fragments if it exceeds the MTU. A
+    /// packet whose fragments do not all fit the queue is dropped whole.
     fn transmit(&mut self, packet: BytesMut) {
-        if packet.len() > self.mtu {
+        if packet.len() <= self.mtu {
+            if self.transmit.len() >= self.transmit_capacity {
+                self.stats.dropped_queue_full += 1;
+            } else {
+                self.stats.packets_out += 1;
+                self.transmit.push_back(packet);
+            }
+            return;
+        }
+        let mut pieces = Vec::new();
+        let ident = self.next_fragment_ident;
+        self.next_fragment_ident = self.next_fragment_ident.wrapping_add(1);
+        if !fragment::fragment(&packet, self.mtu, ident, |piece| pieces.push(piece)) {
             self.stats.dropped_too_big += 1;
-        } else if self.transmit.len() >= self.transmit_capacity {
+        } else if self.transmit.len() + pieces.len() > self.transmit_capacity {
             self.stats.dropped_queue_full += 1;
         } else {
-            self.stats.packets_out += 1;
-            self.transmit.push_back(packet);
+            self.stats.packets_fragmented += 1;
+            self.stats.packets_out += pieces.len() as u64;
+            self.transmit.extend(pieces);
         }
     }
 }

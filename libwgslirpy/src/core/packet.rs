@@ -17,9 +17,9 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::BytesMut;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
+    Icmpv6Message, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// The hop limit of packets that the router originates.
@@ -453,6 +453,78 @@ pub fn build_echo_reply(
     }
 }
 
+/// Why a packet from a peer was not delivered, as an ICMP error tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpError {
+    /// No route to the destination network.
+    NetUnreachable,
+    /// The destination host does not answer.
+    HostUnreachable,
+    /// Nothing listens on the destination port.
+    PortUnreachable,
+    /// The access policy forbids the destination.
+    AdminProhibited,
+}
+
+/// How much of the offending packet an ICMP error quotes: as much as keeps
+/// the error within 576 bytes for IPv4 (RFC 1812 §4.3.2.3) and within the
+/// minimum MTU of 1280 bytes for IPv6 (RFC 4443 §2.4).
+const ICMPV4_QUOTE: usize = 576 - 20 - 8;
+const ICMPV6_QUOTE: usize = 1280 - 40 - 8;
+
+/// Builds the ICMP or ICMPv6 "destination unreachable" error for
+/// `original`, a packet from a peer, quoting its start verbatim. The error
+/// comes from the original destination and goes to the original source.
+/// Returns `None` if `original` is not a valid IP packet.
+pub fn build_icmp_error(original: &[u8], why: IcmpError) -> Option<BytesMut> {
+    match original.first().map(|b| b >> 4) {
+        Some(4) => {
+            let packet = Ipv4Packet::new_checked(original).ok()?;
+            let code = match why {
+                IcmpError::NetUnreachable => Icmpv4DstUnreachable::NetUnreachable,
+                IcmpError::HostUnreachable => Icmpv4DstUnreachable::HostUnreachable,
+                IcmpError::PortUnreachable => Icmpv4DstUnreachable::PortUnreachable,
+                IcmpError::AdminProhibited => Icmpv4DstUnreachable::CommProhibited,
+            };
+            let quote = &original[..usize::from(packet.total_len()).min(ICMPV4_QUOTE)];
+            let (src, dst) = (packet.dst_addr().into(), packet.src_addr().into());
+            build_ip(src, dst, IpProtocol::Icmp, 8 + quote.len(), |buf| {
+                buf[8..].copy_from_slice(quote);
+                let mut icmp = Icmpv4Packet::new_unchecked(buf);
+                icmp.set_msg_type(Icmpv4Message::DstUnreachable);
+                icmp.set_msg_code(code.into());
+                icmp.fill_checksum();
+            })
+        }
+        Some(6) => {
+            let packet = Ipv6Packet::new_checked(original).ok()?;
+            let code = match why {
+                IcmpError::NetUnreachable => Icmpv6DstUnreachable::NoRoute,
+                IcmpError::HostUnreachable => Icmpv6DstUnreachable::AddrUnreachable,
+                IcmpError::PortUnreachable => Icmpv6DstUnreachable::PortUnreachable,
+                IcmpError::AdminProhibited => Icmpv6DstUnreachable::AdminProhibit,
+            };
+            let whole = 40 + usize::from(packet.payload_len());
+            let quote = &original[..whole.min(ICMPV6_QUOTE)];
+            let (src, dst) = (packet.dst_addr(), packet.src_addr());
+            build_ip(
+                src.into(),
+                dst.into(),
+                IpProtocol::Icmpv6,
+                8 + quote.len(),
+                |buf| {
+                    buf[8..].copy_from_slice(quote);
+                    let mut icmp = Icmpv6Packet::new_unchecked(buf);
+                    icmp.set_msg_type(Icmpv6Message::DstUnreachable);
+                    icmp.set_msg_code(code.into());
+                    icmp.fill_checksum(&src, &dst);
+                },
+            )
+        }
+        _ => None,
+    }
+}
+
 /// Emits an IP header for `payload_len` bytes of `protocol`, then lets
 /// `emit_payload` fill the payload.
 fn build_ip(
@@ -462,8 +534,10 @@ fn build_ip(
     payload_len: usize,
     emit_payload: impl FnOnce(&mut [u8]),
 ) -> Option<BytesMut> {
+    // IPv4 counts its header in the 16-bit total length; IPv6 does not.
     let total = ip_header_len(src.is_ipv6()) + payload_len;
-    if total > usize::from(u16::MAX) {
+    let counted = if src.is_ipv6() { payload_len } else { total };
+    if counted > usize::from(u16::MAX) {
         return None;
     }
     let mut buf = BytesMut::zeroed(total);
@@ -530,6 +604,37 @@ mod tests {
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         let reply = build_echo_reply(local, peer, 7, 9, b"ping").unwrap();
         assert_eq!(parse(&reply), Ok(Parsed::Other { protocol: 1 }));
+    }
+
+    #[test]
+    fn icmp_errors_quote_the_packet_and_go_back_to_its_source() {
+        for (src, dst) in [
+            (addr("10.0.0.2:4000"), addr("198.18.0.1:53")),
+            (addr("[fd00::2]:4000"), addr("[fd00:1::1]:53")),
+        ] {
+            let original = build_udp(src, dst, &[0xab; 2000]).unwrap();
+            let error = build_icmp_error(&original, IcmpError::AdminProhibited).unwrap();
+            assert!(error.len() <= if src.is_ipv4() { 576 } else { 1280 });
+            assert_eq!(
+                parse(&error),
+                Ok(Parsed::Other {
+                    protocol: if src.is_ipv4() { 1 } else { 58 }
+                })
+            );
+            let (error_src, error_dst) = if src.is_ipv4() {
+                let view = Ipv4Packet::new_checked(&error[..]).unwrap();
+                (IpAddr::V4(view.src_addr()), IpAddr::V4(view.dst_addr()))
+            } else {
+                let view = Ipv6Packet::new_checked(&error[..]).unwrap();
+                (IpAddr::V6(view.src_addr()), IpAddr::V6(view.dst_addr()))
+            };
+            assert_eq!((error_src, error_dst), (dst.ip(), src.ip()));
+            // The quote starts with the original IP header.
+            let header = if src.is_ipv4() { 20 } else { 40 };
+            let quote_at = header + 8;
+            assert_eq!(&error[quote_at..quote_at + header], &original[..header]);
+        }
+        assert!(build_icmp_error(b"junk", IcmpError::PortUnreachable).is_none());
     }
 
     #[test]

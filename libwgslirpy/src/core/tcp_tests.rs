@@ -923,3 +923,30 @@ mod proptests {
         }
     }
 }
+
+#[test]
+fn denied_destination_gets_rst_and_no_connect() {
+    let mut h = Harness::with_addrs(&config(), sa(PEER), sa("127.0.0.1:22"));
+    h.syn(None);
+    assert!(h.actions().is_empty());
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].rst && segs[0].ack == Some(PEER_ISN + 1));
+    assert_eq!(h.router.stats().dropped_policy, 1);
+}
+
+#[test]
+fn host_address_connects_to_the_hosts_loopback() {
+    let mut config = config();
+    config.host_address = Some("10.0.2.2".parse().unwrap());
+    let mut h = Harness::with_addrs(&config, sa(PEER), sa("10.0.2.2:8080"));
+    h.syn(None);
+    let [SocketAction::TcpConnect { flow, dest }] = h.actions()[..] else {
+        panic!("no connect");
+    };
+    assert_eq!(dest, sa("127.0.0.1:8080"));
+    h.router.handle_tcp_connected(h.now, flow);
+    // The peer talks to the address it chose.
+    let syn_ack = h.segs().pop().expect("SYN-ACK");
+    assert!(syn_ack.syn);
+}

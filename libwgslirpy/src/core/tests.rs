@@ -89,14 +89,61 @@ fn pingable_answers_echo_v4_and_v6() {
 }
 
 #[test]
-fn echo_to_other_address_is_not_answered() {
+fn echo_to_other_address_is_forwarded_and_the_reply_returns() {
     let mut router = Router::new(&config());
-    router.handle_packet(
-        Instant::now(),
-        &echo_request("10.0.2.15", "10.0.2.99", b"x"),
-    );
+    let now = Instant::now();
+    router.handle_packet(now, &echo_request("10.0.2.15", "198.18.0.1", b"abc"));
     assert!(transmitted(&mut router).is_empty());
-    assert_eq!(router.stats().dropped_unsupported, 1);
+    let acts = actions(&mut router);
+    let SocketAction::IcmpOpen { flow, ipv6: false } = acts[0] else {
+        panic!("expected an ICMP open: {acts:?}");
+    };
+    assert_eq!(
+        acts[1..],
+        [SocketAction::IcmpSend {
+            flow,
+            dest: "198.18.0.1".parse().unwrap(),
+            seq_no: 7,
+            data: Bytes::from_static(b"abc"),
+        }]
+    );
+    // The reply gets the peer's own identifier back.
+    router.handle_echo_reply(now, flow, "198.18.0.1".parse().unwrap(), 7, b"abc");
+    let expected = packet::build_echo_reply(
+        "198.18.0.1".parse().unwrap(),
+        "10.0.2.15".parse().unwrap(),
+        0x1234,
+        7,
+        b"abc",
+    )
+    .unwrap();
+    assert_eq!(transmitted(&mut router), vec![expected]);
+    assert_eq!(router.stats().echo_replies_forwarded, 1);
+}
+
+#[test]
+fn echo_identities_share_a_socket_and_expire() {
+    let config = config();
+    let idle = config.icmp_idle_timeout;
+    let mut router = Router::new(&config);
+    let t0 = Instant::now();
+    router.handle_packet(t0, &echo_request("fd00::2", "fd01::1", b"1"));
+    router.handle_packet(t0, &echo_request("fd00::2", "fd01::9", b"2"));
+    let acts = actions(&mut router);
+    let opens: Vec<_> = acts
+        .iter()
+        .filter(|a| matches!(a, SocketAction::IcmpOpen { ipv6: true, .. }))
+        .collect();
+    assert_eq!(opens.len(), 1, "{acts:?}");
+    let SocketAction::IcmpOpen { flow, .. } = *opens[0] else {
+        unreachable!()
+    };
+    assert_eq!(router.poll_timeout(), Some(t0 + idle));
+    router.handle_timeout(t0 + idle);
+    assert_eq!(actions(&mut router), vec![SocketAction::IcmpClose { flow }]);
+    // A late reply goes nowhere.
+    router.handle_echo_reply(t0 + idle, flow, "fd01::1".parse().unwrap(), 7, b"1");
+    assert!(transmitted(&mut router).is_empty());
 }
 
 #[test]
@@ -239,22 +286,88 @@ fn failed_udp_socket_removes_the_flow() {
 }
 
 #[test]
-fn udp_reply_over_the_mtu_is_dropped_and_counted() {
+fn udp_reply_over_the_mtu_is_fragmented_and_the_peers_fragments_reassembled() {
     let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("10.0.2.15:5000");
+    let server = sa("198.18.0.1:7");
+    router.handle_packet(now, &packet::build_udp(peer, server, b"q").unwrap());
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    actions(&mut router);
+    let big: Vec<u8> = (0..20_000).map(|i| i as u8).collect();
+    router.handle_udp_datagram(now, flow, server, &big);
+    let pieces = transmitted(&mut router);
+    assert_eq!(pieces.len(), 15);
+    assert!(pieces.iter().all(|p| p.len() <= 1420));
+    assert_eq!(router.stats().packets_fragmented, 1);
+
+    // The peer's own fragments come back together into one datagram.
+    let whole = packet::build_udp(peer, server, &big).unwrap();
+    let mut from_peer = Vec::new();
+    fragment::fragment(&whole, 1280, 99, |piece| from_peer.push(piece));
+    for piece in &from_peer {
+        router.handle_packet(now, piece);
+    }
+    assert_eq!(router.stats().datagrams_reassembled, 1);
+    assert_eq!(
+        actions(&mut router),
+        vec![SocketAction::UdpSend {
+            flow,
+            dest: server,
+            payload: Bytes::from(big),
+        }]
+    );
+}
+
+#[test]
+fn denied_destinations_get_admin_prohibited_and_open_nothing() {
+    let mut router = Router::new(&config());
+    router.set_host_addresses(&["198.18.1.1".parse().unwrap()]);
+    let now = Instant::now();
+    let denied = [
+        packet::build_udp(sa("10.0.2.15:5000"), sa("127.0.0.1:22"), b"x").unwrap(),
+        packet::build_udp(sa("10.0.2.15:5000"), sa("198.18.1.1:53"), b"x").unwrap(),
+        packet::build_udp(sa("[fd00::2]:5000"), sa("[fe80::1]:53"), b"x").unwrap(),
+        echo_request("10.0.2.15", "169.254.169.254", b"x"),
+    ];
+    for packet in &denied {
+        router.handle_packet(now, packet);
+        let errors = transmitted(&mut router);
+        assert_eq!(errors.len(), 1);
+        let expected =
+            packet::build_icmp_error(packet, packet::IcmpError::AdminProhibited).unwrap();
+        assert_eq!(errors[0], expected);
+    }
+    assert!(actions(&mut router).is_empty());
+    assert_eq!(router.stats().dropped_policy, 4);
+}
+
+#[test]
+fn host_address_reaches_the_hosts_loopback() {
+    let mut config = config();
+    config.host_address = Some("10.0.2.2".parse().unwrap());
+    let mut router = Router::new(&config);
     let now = Instant::now();
     let peer = sa("10.0.2.15:5000");
     router.handle_packet(
         now,
-        &packet::build_udp(peer, sa("198.18.0.1:7"), b"q").unwrap(),
+        &packet::build_udp(peer, sa("10.0.2.2:8080"), b"q").unwrap(),
     );
-    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
-        panic!("no open");
+    let acts = actions(&mut router);
+    let SocketAction::UdpOpen { flow, .. } = acts[0] else {
+        panic!("{acts:?}");
     };
-    let fits = vec![0; 1420 - 28];
-    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &fits);
-    router.handle_udp_datagram(now, flow, sa("198.18.0.1:7"), &[0; 1420 - 27]);
-    assert_eq!(transmitted(&mut router).len(), 1);
-    assert_eq!(router.stats().dropped_too_big, 1);
+    assert!(matches!(
+        &acts[1],
+        SocketAction::UdpSend { dest, .. } if *dest == sa("127.0.0.1:8080")
+    ));
+    router.handle_udp_datagram(now, flow, sa("127.0.0.1:8080"), b"a");
+    assert_eq!(
+        transmitted(&mut router),
+        vec![packet::build_udp(sa("10.0.2.2:8080"), peer, b"a").unwrap()]
+    );
 }
 
 #[test]
@@ -281,4 +394,21 @@ fn garbage_is_counted_not_fatal() {
     // And the router still works.
     router.handle_packet(now, &echo_request("10.0.2.15", "10.0.2.1", b"x"));
     assert_eq!(transmitted(&mut router).len(), 1);
+}
+
+#[test]
+fn udp_port_unreachable_reaches_the_peer_as_icmp() {
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let peer = sa("[fd00::2]:5000");
+    let server = sa("[fd01::1]:9");
+    router.handle_packet(now, &packet::build_udp(peer, server, b"q").unwrap());
+    let Some(SocketAction::UdpOpen { flow, .. }) = router.poll_socket_action() else {
+        panic!("no open");
+    };
+    router.handle_udp_unreachable(now, flow, server, packet::IcmpError::PortUnreachable);
+    let original = packet::build_udp(peer, server, b"").unwrap();
+    let expected = packet::build_icmp_error(&original, packet::IcmpError::PortUnreachable).unwrap();
+    assert_eq!(transmitted(&mut router), vec![expected]);
+    assert_eq!(router.stats().udp_errors_relayed, 1);
 }

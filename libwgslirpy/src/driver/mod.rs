@@ -24,6 +24,8 @@
 //! the other.
 
 mod dns;
+mod forward;
+mod icmp;
 mod tcp;
 mod udp;
 
@@ -52,6 +54,17 @@ pub enum RunError {
     /// The tunnel transport could not start.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// A reverse forward's HOST address could not be bound.
+    #[error("cannot listen on {addr} for {flag}")]
+    ForwardBind {
+        /// The flag of the forward, `-u` or `-t`.
+        flag: &'static str,
+        /// The HOST address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The tunnel transport stopped on its own.
     #[error("the tunnel transport stopped unexpectedly")]
     TunnelClosed,
@@ -64,11 +77,46 @@ pub enum RunError {
 /// else happens. Must be called within a tokio runtime.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     config.validate()?;
+    let udp_forwards =
+        forward::UdpForwards::bind(&config.incoming_udp).map_err(|(addr, source)| {
+            RunError::ForwardBind {
+                flag: "-u",
+                addr,
+                source,
+            }
+        })?;
     let tunnel = tunnel::start(&config).await?;
     tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
     // After the bind, so that a startup error stays the only line printed.
     raise_fd_limit();
-    Driver::new(&config, tunnel).run(shutdown).await
+    Driver::new(&config, tunnel, udp_forwards)
+        .run(shutdown)
+        .await
+}
+
+/// The addresses of the host's own interfaces, which the access policy
+/// denies by default. If they cannot be listed, that is logged and the
+/// other default denials still apply.
+fn host_addresses() -> Vec<std::net::IpAddr> {
+    let interfaces = match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => interfaces,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the host's addresses; they are not denied");
+            return Vec::new();
+        }
+    };
+    let addresses: Vec<std::net::IpAddr> = interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(v4.ip().into())
+            } else {
+                address.as_sockaddr_in6().map(|v6| v6.ip().into())
+            }
+        })
+        .collect();
+    tracing::debug!(?addresses, "the host's own addresses, denied by default");
+    addresses
 }
 
 /// What host sockets report to the router task.
@@ -97,6 +145,25 @@ enum HostEvent {
     TcpWritten { flow: FlowId, n: usize },
     /// A TCP socket failed or was reset; the task has ended.
     TcpError { flow: FlowId },
+    /// A destination of a flow's UDP socket answered with an ICMP error.
+    UdpUnreachable {
+        flow: FlowId,
+        dest: std::net::SocketAddr,
+        why: crate::core::packet::IcmpError,
+    },
+    /// A datagram arrived on a reverse UDP forward's HOST socket.
+    ForwardDatagram {
+        forward: usize,
+        from: std::net::SocketAddr,
+        payload: bytes::Bytes,
+    },
+    /// An echo reply arrived on a flow's ICMP socket.
+    EchoReply {
+        flow: FlowId,
+        from: std::net::IpAddr,
+        seq_no: u16,
+        payload: bytes::Bytes,
+    },
 }
 
 struct Driver {
@@ -105,18 +172,25 @@ struct Driver {
     udp: udp::UdpSockets,
     dns: dns::DnsDriver,
     tcp: tcp::TcpSockets,
+    echo: icmp::EchoSockets,
+    udp_forwards: forward::UdpForwards,
     events: mpsc::Receiver<HostEvent>,
 }
 
 impl Driver {
-    fn new(config: &Config, tunnel: TunnelHandle) -> Self {
+    fn new(config: &Config, tunnel: TunnelHandle, mut udp_forwards: forward::UdpForwards) -> Self {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
+        udp_forwards.start(&events_tx);
+        let mut router = Router::new(config);
+        router.set_host_addresses(&host_addresses());
         Driver {
-            router: Router::new(config),
+            router,
             tunnel,
             dns: dns::DnsDriver::new(config, events_tx.clone()),
             tcp: tcp::TcpSockets::new(events_tx.clone()),
-            udp: udp::UdpSockets::new(events_tx),
+            udp: udp::UdpSockets::new(events_tx.clone()),
+            echo: icmp::EchoSockets::new(events_tx),
+            udp_forwards,
             events,
         }
     }
@@ -177,6 +251,24 @@ impl Driver {
             } => {
                 self.router.handle_udp_datagram(now, flow, from, &payload);
             }
+            HostEvent::UdpUnreachable { flow, dest, why } => {
+                self.router.handle_udp_unreachable(now, flow, dest, why);
+            }
+            HostEvent::ForwardDatagram {
+                forward,
+                from,
+                payload,
+            } => self
+                .router
+                .handle_forward_datagram(now, forward, from, &payload),
+            HostEvent::EchoReply {
+                flow,
+                from,
+                seq_no,
+                payload,
+            } => self
+                .router
+                .handle_echo_reply(now, flow, from, seq_no, &payload),
             HostEvent::DnsResult { query, outcome } => {
                 self.dns.finished(query);
                 self.router.handle_dns_result(now, query, outcome);
@@ -239,6 +331,24 @@ impl Driver {
                 SocketAction::TcpShutdownWrite { flow } => self.tcp.shutdown_write(flow),
                 SocketAction::TcpClose { flow } => self.tcp.close(flow),
                 SocketAction::TcpAbort { flow } => self.tcp.abort(flow),
+                SocketAction::IcmpOpen { flow, ipv6 } => {
+                    if let Err(error) = self.echo.open(flow, ipv6) {
+                        tracing::debug!(flow = flow.0, %error, "cannot open an ICMP socket");
+                        self.router.handle_icmp_failed(Instant::now(), flow);
+                    }
+                }
+                SocketAction::IcmpSend {
+                    flow,
+                    dest,
+                    seq_no,
+                    data,
+                } => self.echo.send(flow, dest, seq_no, &data),
+                SocketAction::IcmpClose { flow } => self.echo.close(flow),
+                SocketAction::ForwardUdpSend {
+                    forward,
+                    to,
+                    payload,
+                } => self.udp_forwards.send(forward, to, &payload),
             }
         }
         // Packets wait in the router's bounded queue until the tunnel has

@@ -5,6 +5,12 @@
 //! that forwards every datagram to the router task. Sends never wait: a
 //! datagram that the socket cannot take at once is dropped, as a congested
 //! router drops it. Closing a flow aborts its reader and closes the socket.
+//!
+//! Sockets ask for ICMP errors (`IP_RECVERR`/`IPV6_RECVERR`). When a
+//! destination answers with "port unreachable" (or net or host
+//! unreachable), the kernel queues the error with the address that caused
+//! it; the reader drains that queue and reports each error, so that the
+//! peer gets the matching ICMP error instead of silence.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::HostEvent;
 use crate::core::FlowId;
+use crate::core::packet::IcmpError;
 
 /// The largest UDP payload a socket can receive.
 const MAX_DATAGRAM: usize = 65535;
@@ -85,6 +92,9 @@ fn bind_ephemeral(ipv6: bool) -> io::Result<UdpSocket> {
     let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if ipv6 {
         socket.set_only_v6(true)?;
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6RecvErr, &true)?;
+    } else {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -106,8 +116,79 @@ async fn read_datagrams(flow: FlowId, socket: Arc<UdpSocket>, events: mpsc::Send
                 }
             }
             Err(error) => {
-                tracing::debug!(flow = flow.0, %error, "UDP receive error");
+                tracing::trace!(flow = flow.0, %error, "UDP receive error");
+                for (dest, why) in read_error_queue(&socket) {
+                    let event = HostEvent::UdpUnreachable { flow, dest, why };
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }
+}
+
+/// Takes every queued ICMP error off `socket`: the destination that caused
+/// it, and what it said. Errors of other kinds are skipped.
+fn read_error_queue(socket: &UdpSocket) -> Vec<(SocketAddr, IcmpError)> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::libc;
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+
+    let mut errors = Vec::new();
+    // Bounded: the kernel queues a limited number of errors per socket.
+    for _ in 0..64 {
+        let mut data = [0u8; 64];
+        let mut iov = [io::IoSliceMut::new(&mut data)];
+        let mut control = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+        let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+        let Ok(message) =
+            recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(&mut control), flags)
+        else {
+            break;
+        };
+        let dest = message.address.and_then(|address| {
+            address
+                .as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                .or_else(|| {
+                    address
+                        .as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                })
+        });
+        let Ok(control_messages) = message.cmsgs() else {
+            continue;
+        };
+        for control_message in control_messages {
+            let why = match control_message {
+                ControlMessageOwned::Ipv4RecvErr(error, _)
+                    if error.ee_origin == libc::SO_EE_ORIGIN_ICMP && error.ee_type == 3 =>
+                {
+                    match error.ee_code {
+                        0 => Some(IcmpError::NetUnreachable),
+                        1 => Some(IcmpError::HostUnreachable),
+                        3 => Some(IcmpError::PortUnreachable),
+                        _ => None,
+                    }
+                }
+                ControlMessageOwned::Ipv6RecvErr(error, _)
+                    if error.ee_origin == libc::SO_EE_ORIGIN_ICMP6 && error.ee_type == 1 =>
+                {
+                    match error.ee_code {
+                        0 => Some(IcmpError::NetUnreachable),
+                        3 => Some(IcmpError::HostUnreachable),
+                        4 => Some(IcmpError::PortUnreachable),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            if let (Some(dest), Some(why)) = (dest, why) {
+                errors.push((dest, why));
+            }
+        }
+    }
+    errors
 }

@@ -209,11 +209,17 @@ impl Tcp {
     }
 
     /// A segment from the peer endpoint `peer` to `remote`.
+    ///
+    /// `connect_to` is where a new connection to `remote` would connect on
+    /// the host side, or `None` if the access policy denies `remote` (the
+    /// SYN then gets a RST).
+    #[allow(clippy::too_many_arguments)]
     pub fn segment(
         &mut self,
         now: Instant,
         peer: SocketAddr,
         remote: SocketAddr,
+        connect_to: Option<SocketAddr>,
         seg: &TcpSegment<'_>,
         actions: &mut VecDeque<SocketAction>,
         stats: &mut Stats,
@@ -239,14 +245,20 @@ impl Tcp {
             self.reset_stray(peer, remote, seg, stats);
             return;
         }
-        self.open(now, peer, remote, seg, actions, stats);
+        let Some(connect_to) = connect_to else {
+            self.reset_stray(peer, remote, seg, stats);
+            return;
+        };
+        self.open(now, peer, remote, connect_to, seg, actions, stats);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         now: Instant,
         peer: SocketAddr,
         remote: SocketAddr,
+        connect_to: SocketAddr,
         syn: &TcpSegment<'_>,
         actions: &mut VecDeque<SocketAction>,
         stats: &mut Stats,
@@ -278,7 +290,10 @@ impl Tcp {
         self.pending_connects += 1;
         stats.tcp_connects += 1;
         tracing::debug!(flow = flow.0, %peer, %remote, "new TCP connection: connecting");
-        actions.push_back(SocketAction::TcpConnect { flow, dest: remote });
+        actions.push_back(SocketAction::TcpConnect {
+            flow,
+            dest: connect_to,
+        });
         self.reindex(flow);
     }
 

@@ -1,0 +1,287 @@
+//! Reverse UDP forwarding (`-u HOST,SOURCE,DEST`): host ports into the
+//! tunnel.
+//!
+//! Theory of operation:
+//! - The driver listens on each forward's HOST socket and hands every
+//!   datagram to the router with the forward's index and the host-side
+//!   sender's address.
+//! - Each (forward, host-side sender) pair is a session. The session sends
+//!   to DEST inside the tunnel from a tunnel-side source address of its own:
+//!   SOURCE if given, else the sender's own address, so the service inside
+//!   the tunnel sees who is talking. When that address is already taken by
+//!   another session, or SOURCE's port is 0, the session takes the next free
+//!   port of the same address, round-robin over the ephemeral range.
+//! - A datagram from the peer whose source is a session's DEST and whose
+//!   destination is that session's tunnel-side source is a reply: it goes
+//!   back out of the HOST socket to that session's sender, and to no one
+//!   else. Replies are matched before outbound NAT.
+//! - Sessions are bounded ([`FlowTable`]): a full table closes the least
+//!   recently used, and a session idle in both directions for the idle
+//!   timeout is closed.
+//! - A sender of the other IP version than DEST is dropped and counted
+//!   (without SOURCE there is no address of DEST's version to send from).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use super::flows::{FlowId, FlowTable};
+use crate::config::Forward;
+
+/// Ports that sessions take when their preferred source port is busy.
+const EPHEMERAL_PORTS: RangeInclusive<u16> = 49152..=65535;
+
+/// One session: where it sends from, inside the tunnel.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    tunnel_source: SocketAddr,
+}
+
+/// A session's key: the forward's index, and the host-side sender.
+type SessionKey = (usize, SocketAddr);
+
+/// What to do with a datagram from a host-side sender.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outbound {
+    /// The tunnel-side source to send from.
+    pub source: SocketAddr,
+    /// The destination inside the tunnel.
+    pub dest: SocketAddr,
+}
+
+/// Where a reply from the tunnel goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The forward whose HOST socket sends it.
+    pub forward: usize,
+    /// The host-side sender to send it to.
+    pub to: SocketAddr,
+}
+
+/// The reverse UDP forwards and their sessions.
+pub struct ReverseUdp {
+    forwards: Vec<Forward>,
+    sessions: FlowTable<SessionKey, Session>,
+    by_tunnel_source: HashMap<SocketAddr, FlowId>,
+    next_port: u16,
+}
+
+impl ReverseUdp {
+    /// The `-u` forwards, with at most `max_sessions` sessions that close
+    /// after `idle_timeout`.
+    pub fn new(forwards: Vec<Forward>, max_sessions: usize, idle_timeout: Duration) -> Self {
+        ReverseUdp {
+            forwards,
+            sessions: FlowTable::new(max_sessions, idle_timeout),
+            by_tunnel_source: HashMap::new(),
+            next_port: *EPHEMERAL_PORTS.start(),
+        }
+    }
+
+    /// A datagram from `sender` arrived on the HOST socket of `forward`.
+    /// Returns where to send it in the tunnel, or `None` if it cannot go.
+    pub fn from_host(
+        &mut self,
+        now: Instant,
+        forward: usize,
+        sender: SocketAddr,
+    ) -> Option<Outbound> {
+        let sender = SocketAddr::new(sender.ip().to_canonical(), sender.port());
+        let dest = self.forwards.get(forward)?.dest;
+        if let Some(flow) = self.sessions.lookup(&(forward, sender)) {
+            self.sessions.touch(flow, now);
+            let (_, session) = self.sessions.get(flow)?;
+            return Some(Outbound {
+                source: session.tunnel_source,
+                dest,
+            });
+        }
+        let preferred = self.forwards[forward].source.unwrap_or(sender);
+        if preferred.is_ipv6() != dest.is_ipv6() {
+            return None;
+        }
+        let tunnel_source = self.free_source(preferred)?;
+        let (flow, evicted) =
+            self.sessions
+                .insert((forward, sender), Session { tunnel_source }, now);
+        if let Some((_, _, old)) = evicted {
+            self.by_tunnel_source.remove(&old.tunnel_source);
+        }
+        self.by_tunnel_source.insert(tunnel_source, flow);
+        tracing::debug!(forward, %sender, %tunnel_source, %dest, "new reverse UDP session");
+        Some(Outbound {
+            source: tunnel_source,
+            dest,
+        })
+    }
+
+    /// A datagram from the peer, from `src` to `dst`: if it answers a
+    /// session, where it goes.
+    pub fn from_tunnel(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr) -> Option<Reply> {
+        let flow = *self.by_tunnel_source.get(&dst)?;
+        let (&(forward, sender), _) = self.sessions.get(flow)?;
+        if self.forwards[forward].dest != src {
+            return None;
+        }
+        self.sessions.touch(flow, now);
+        Some(Reply {
+            forward,
+            to: sender,
+        })
+    }
+
+    /// Closes idle sessions.
+    pub fn expire(&mut self, now: Instant) {
+        let by_tunnel_source = &mut self.by_tunnel_source;
+        self.sessions.expire(now, |_, _, session| {
+            by_tunnel_source.remove(&session.tunnel_source);
+        });
+    }
+
+    /// When the next session times out.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.sessions.next_expiry()
+    }
+
+    /// `preferred` if no session uses it and its port is not 0; else the
+    /// next free port of its address, round-robin.
+    fn free_source(&mut self, preferred: SocketAddr) -> Option<SocketAddr> {
+        if preferred.port() != 0 && !self.by_tunnel_source.contains_key(&preferred) {
+            return Some(preferred);
+        }
+        let span = usize::from(EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start()) + 1;
+        for _ in 0..span {
+            let candidate = SocketAddr::new(preferred.ip(), self.next_port);
+            self.next_port = if self.next_port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                self.next_port + 1
+            };
+            if !self.by_tunnel_source.contains_key(&candidate) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn forward(text: &str) -> Forward {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn without_source_the_senders_address_is_used() {
+        let mut reverse = ReverseUdp::new(
+            vec![forward("0.0.0.0:5353,,10.0.2.15:53")],
+            16,
+            Duration::from_secs(60),
+        );
+        let now = Instant::now();
+        let out = reverse.from_host(now, 0, sa("192.0.2.7:4000")).unwrap();
+        assert_eq!(out.source, sa("192.0.2.7:4000"));
+        assert_eq!(out.dest, sa("10.0.2.15:53"));
+        assert_eq!(
+            reverse.from_tunnel(now, sa("10.0.2.15:53"), sa("192.0.2.7:4000")),
+            Some(Reply {
+                forward: 0,
+                to: sa("192.0.2.7:4000")
+            })
+        );
+        // Not from DEST: not a reply.
+        assert_eq!(
+            reverse.from_tunnel(now, sa("10.0.2.16:53"), sa("192.0.2.7:4000")),
+            None
+        );
+    }
+
+    #[test]
+    fn senders_sharing_a_source_override_get_their_own_ports_and_replies() {
+        let mut reverse = ReverseUdp::new(
+            vec![forward("0.0.0.0:5353,10.0.2.1:53,10.0.2.15:53")],
+            16,
+            Duration::from_secs(60),
+        );
+        let now = Instant::now();
+        let senders: Vec<SocketAddr> = (0..10).map(|i| sa(&format!("192.0.2.{i}:4000"))).collect();
+        let sources: Vec<SocketAddr> = senders
+            .iter()
+            .map(|&s| reverse.from_host(now, 0, s).unwrap().source)
+            .collect();
+        assert_eq!(sources[0], sa("10.0.2.1:53"));
+        let mut unique = sources.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 10, "{sources:?}");
+        for (sender, source) in senders.iter().zip(&sources) {
+            let reply = reverse
+                .from_tunnel(now, sa("10.0.2.15:53"), *source)
+                .unwrap();
+            assert_eq!(reply.to, *sender);
+        }
+    }
+
+    #[test]
+    fn source_port_zero_goes_round_robin() {
+        let mut reverse = ReverseUdp::new(
+            vec![forward("[::]:5353,[fd00::1]:0,[fd00::15]:53")],
+            16,
+            Duration::from_secs(60),
+        );
+        let now = Instant::now();
+        let a = reverse
+            .from_host(now, 0, sa("[2001:db8::1]:1"))
+            .unwrap()
+            .source;
+        let b = reverse
+            .from_host(now, 0, sa("[2001:db8::1]:2"))
+            .unwrap()
+            .source;
+        assert_eq!(a, sa("[fd00::1]:49152"));
+        assert_eq!(b, sa("[fd00::1]:49153"));
+    }
+
+    #[test]
+    fn sessions_expire_and_free_their_source() {
+        let idle = Duration::from_secs(60);
+        let mut reverse = ReverseUdp::new(
+            vec![forward("0.0.0.0:1,10.0.2.1:53,10.0.2.15:53")],
+            16,
+            idle,
+        );
+        let t0 = Instant::now();
+        reverse.from_host(t0, 0, sa("192.0.2.1:1")).unwrap();
+        reverse.expire(t0 + idle);
+        assert_eq!(
+            reverse.from_tunnel(t0 + idle, sa("10.0.2.15:53"), sa("10.0.2.1:53")),
+            None
+        );
+        let again = reverse.from_host(t0 + idle, 0, sa("192.0.2.2:1")).unwrap();
+        assert_eq!(again.source, sa("10.0.2.1:53"));
+    }
+
+    #[test]
+    fn sender_of_the_other_ip_version_is_refused() {
+        let mut reverse = ReverseUdp::new(
+            vec![forward("[::]:5353,,[fd00::15]:53")],
+            16,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            reverse.from_host(Instant::now(), 0, sa("[::ffff:192.0.2.1]:1")),
+            None
+        );
+        assert_eq!(
+            reverse.from_host(Instant::now(), 7, sa("[fd00::9]:1")),
+            None
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! The HOST sockets of reverse UDP forwards (`-u`).
+//!
+//! Each forward's socket is bound at startup, so a port in use is an error
+//! before the gateway runs. A reader task per socket hands every datagram to
+//! the router task; replies are sent without waiting, and dropped if the
+//! socket cannot take them at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::HostEvent;
+use crate::config::Forward;
+
+/// The largest UDP payload a socket can receive.
+const MAX_DATAGRAM: usize = 65535;
+
+/// The bound HOST sockets, in the order of the `-u` list.
+pub(super) struct UdpForwards {
+    sockets: Vec<Arc<UdpSocket>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for UdpForwards {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
+    }
+}
+
+impl UdpForwards {
+    /// Binds every forward's HOST address. Fails on the first that cannot
+    /// be bound, naming it.
+    pub(super) fn bind(forwards: &[Forward]) -> Result<Self, (SocketAddr, io::Error)> {
+        let sockets = forwards
+            .iter()
+            .map(|forward| {
+                bind(forward.host)
+                    .map(Arc::new)
+                    .map_err(|e| (forward.host, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (forward, socket) in forwards.iter().zip(&sockets) {
+            tracing::info!(
+                host = %socket.local_addr().unwrap_or(forward.host),
+                dest = %forward.dest,
+                "forwarding UDP into the tunnel"
+            );
+        }
+        Ok(UdpForwards {
+            sockets,
+            readers: Vec::new(),
+        })
+    }
+
+    /// Starts the readers, which report to `events`.
+    pub(super) fn start(&mut self, events: &mpsc::Sender<HostEvent>) {
+        self.readers = self
+            .sockets
+            .iter()
+            .enumerate()
+            .map(|(forward, socket)| {
+                tokio::spawn(read_datagrams(forward, socket.clone(), events.clone()))
+            })
+            .collect();
+    }
+
+    /// Sends `payload` from the HOST socket of `forward` to `to`, if it can
+    /// go now.
+    pub(super) fn send(&self, forward: usize, to: SocketAddr, payload: &[u8]) {
+        let Some(socket) = self.sockets.get(forward) else {
+            return;
+        };
+        // A dual-stack socket reaches IPv4 senders at their mapped address.
+        let to = match to {
+            SocketAddr::V4(v4) if socket.local_addr().is_ok_and(|a| a.is_ipv6()) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            other => other,
+        };
+        let socket = socket2::SockRef::from(&**socket);
+        if let Err(error) = socket.send_to(payload, &to.into()) {
+            tracing::debug!(forward, %to, %error, "reverse UDP reply dropped");
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]:PORT` takes IPv4 senders too, as the user would expect.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+async fn read_datagrams(forward: usize, socket: Arc<UdpSocket>, events: mpsc::Sender<HostEvent>) {
+    let mut buf = vec![0; MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, from)) => {
+                let event = HostEvent::ForwardDatagram {
+                    forward,
+                    from,
+                    payload: Bytes::copy_from_slice(&buf[..len]),
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::debug!(forward, %error, "reverse UDP receive error"),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Host ICMP echo ("ping") sockets for the router's forwarded echo requests.
+//!
+//! Unprivileged ICMP datagram sockets are the first choice: the kernel
+//! gives each one an echo identifier of its own, fills in checksums, and
+//! delivers only the replies meant for it. Linux allows them to the groups
+//! in `net.ipv4.ping_group_range` (which covers ICMPv6 too). When they are
+//! not allowed, raw sockets are used if the process may open them (root or
+//! CAP_NET_RAW); each raw socket then uses an identifier of its own and
+//! filters the replies, since it sees every ICMP message to the host. When
+//! neither works, opening fails, the router forgets the identity, and a
+//! warning (once) says how to enable ping sockets.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::HostEvent;
+use crate::core::FlowId;
+
+/// ICMPv4 echo reply type (smoltcp builds the requests).
+const ECHO_REPLY_V4: u8 = 0;
+/// ICMPv6 echo request and reply types.
+const ECHO_REQUEST_V6: u8 = 128;
+const ECHO_REPLY_V6: u8 = 129;
+/// ICMP echo header: type, code, checksum, identifier, sequence number.
+const ECHO_HEADER: usize = 8;
+
+/// How a socket was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// An unprivileged ICMP datagram socket: the kernel owns the identifier.
+    Ping,
+    /// A raw socket: we own the identifier, and must filter replies.
+    Raw { ident: u16 },
+}
+
+struct EchoSocket {
+    socket: Arc<UdpSocket>,
+    kind: Kind,
+    ipv6: bool,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for EchoSocket {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// The open echo sockets, by flow.
+pub(super) struct EchoSockets {
+    sockets: HashMap<FlowId, EchoSocket>,
+    events: mpsc::Sender<HostEvent>,
+    warned: AtomicBool,
+}
+
+impl EchoSockets {
+    pub(super) fn new(events: mpsc::Sender<HostEvent>) -> Self {
+        EchoSockets {
+            sockets: HashMap::new(),
+            events,
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Opens the socket of `flow` and starts its reader.
+    pub(super) fn open(&mut self, flow: FlowId, ipv6: bool) -> io::Result<()> {
+        let (socket, kind) = match open_socket(ipv6, Type::DGRAM) {
+            Ok(socket) => (socket, Kind::Ping),
+            Err(ping_error) => match open_socket(ipv6, Type::RAW) {
+                Ok(socket) => (
+                    socket,
+                    Kind::Raw {
+                        // Distinct per open socket, which is all that matters.
+                        ident: flow.0 as u16,
+                    },
+                ),
+                Err(_) => {
+                    if !self.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %ping_error,
+                            "cannot open an ICMP socket, so pings through the gateway are \
+                             dropped; allow ping sockets with \
+                             `sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`"
+                        );
+                    }
+                    return Err(ping_error);
+                }
+            },
+        };
+        let socket = Arc::new(socket);
+        let reader = tokio::spawn(read_replies(
+            flow,
+            socket.clone(),
+            kind,
+            ipv6,
+            self.events.clone(),
+        ));
+        self.sockets.insert(
+            flow,
+            EchoSocket {
+                socket,
+                kind,
+                ipv6,
+                reader,
+            },
+        );
+        Ok(())
+    }
+
+    /// Sends an echo request to `dest` from the socket of `flow`, if it can
+    /// go now.
+    pub(super) fn send(&mut self, flow: FlowId, dest: IpAddr, seq_no: u16, data: &[u8]) {
+        let Some(echo) = self.sockets.get(&flow) else {
+            return;
+        };
+        if dest.is_ipv6() != echo.ipv6 {
+            return;
+        }
+        let ident = match echo.kind {
+            Kind::Ping => 0,
+            Kind::Raw { ident } => ident,
+        };
+        let message = echo_request(echo.ipv6, ident, seq_no, data);
+        let socket = socket2::SockRef::from(&*echo.socket);
+        if let Err(error) = socket.send_to(&message, &SocketAddr::new(dest, 0).into()) {
+            tracing::debug!(flow = flow.0, %dest, %error, "echo request send failed");
+        }
+    }
+
+    /// Closes the socket of `flow`.
+    pub(super) fn close(&mut self, flow: FlowId) {
+        self.sockets.remove(&flow);
+    }
+}
+
+fn open_socket(ipv6: bool, kind: Type) -> io::Result<UdpSocket> {
+    let (domain, protocol, addr) = if ipv6 {
+        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+        (Domain::IPV6, Protocol::ICMPV6, addr)
+    } else {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        (Domain::IPV4, Protocol::ICMPV4, addr)
+    };
+    let socket = Socket::new(domain, kind, Some(protocol))?;
+    socket.set_nonblocking(true)?;
+    if kind == Type::DGRAM {
+        // Binding a ping socket is what assigns its identifier.
+        socket.bind(&addr.into())?;
+    }
+    UdpSocket::from_std(std::net::UdpSocket::from(socket))
+}
+
+/// An echo request message (ICMP header and data). The kernel fills in the
+/// identifier of ping sockets, and the checksum of every ICMPv6 socket; the
+/// ICMPv4 checksum is computed here for raw sockets.
+fn echo_request(ipv6: bool, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+    let mut message = vec![0; ECHO_HEADER + data.len()];
+    if ipv6 {
+        message[0] = ECHO_REQUEST_V6;
+        message[4..6].copy_from_slice(&ident.to_be_bytes());
+        message[6..8].copy_from_slice(&seq_no.to_be_bytes());
+        message[ECHO_HEADER..].copy_from_slice(data);
+    } else {
+        let repr = Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        };
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut message[..]),
+            &ChecksumCapabilities::default(),
+        );
+    }
+    message
+}
+
+/// The sequence number and data of an echo reply received on a socket of
+/// `kind`, or `None` if the message is something else (raw sockets see
+/// every ICMP message to the host).
+fn parse_reply(buf: &[u8], kind: Kind, ipv6: bool) -> Option<(u16, &[u8])> {
+    let message = match (kind, ipv6) {
+        // A raw IPv4 socket hands over the IP header too.
+        (Kind::Raw { .. }, false) => {
+            let header_len = usize::from(buf.first()? & 0x0f) * 4;
+            buf.get(header_len..)?
+        }
+        _ => buf,
+    };
+    if message.len() < ECHO_HEADER {
+        return None;
+    }
+    let reply_type = if ipv6 { ECHO_REPLY_V6 } else { ECHO_REPLY_V4 };
+    if message[0] != reply_type || message[1] != 0 {
+        return None;
+    }
+    if let Kind::Raw { ident } = kind
+        && u16::from_be_bytes([message[4], message[5]]) != ident
+    {
+        return None;
+    }
+    let seq_no = u16::from_be_bytes([message[6], message[7]]);
+    Some((seq_no, &message[ECHO_HEADER..]))
+}
+
+async fn read_replies(
+    flow: FlowId,
+    socket: Arc<UdpSocket>,
+    kind: Kind,
+    ipv6: bool,
+    events: mpsc::Sender<HostEvent>,
+) {
+    let mut buf = vec![0; 65535];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, from)) => {
+                let Some((seq_no, data)) = parse_reply(&buf[..len], kind, ipv6) else {
+                    continue;
+                };
+                let event = HostEvent::EchoReply {
+                    flow,
+                    from: from.ip(),
+                    seq_no,
+                    payload: Bytes::copy_from_slice(data),
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::debug!(flow = flow.0, %error, "ICMP receive error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo reply as the kernel hands it to a ping socket.
+    fn reply(ipv6: bool, ident: u16, seq_no: u16, data: &[u8]) -> Vec<u8> {
+        let mut message = echo_request(ipv6, ident, seq_no, data);
+        message[0] = if ipv6 { ECHO_REPLY_V6 } else { ECHO_REPLY_V4 };
+        message
+    }
+
+    #[test]
+    fn ping_sockets_take_any_identifier() {
+        for ipv6 in [false, true] {
+            let message = reply(ipv6, 77, 5, b"data");
+            assert_eq!(
+                parse_reply(&message, Kind::Ping, ipv6),
+                Some((5, &b"data"[..]))
+            );
+        }
+    }
+
+    #[test]
+    fn raw_sockets_take_only_their_identifier() {
+        let message = reply(true, 77, 5, b"data");
+        assert_eq!(
+            parse_reply(&message, Kind::Raw { ident: 77 }, true),
+            Some((5, &b"data"[..]))
+        );
+        assert_eq!(parse_reply(&message, Kind::Raw { ident: 78 }, true), None);
+    }
+
+    #[test]
+    fn raw_ipv4_replies_skip_the_ip_header() {
+        let message = reply(false, 9, 1, b"x");
+        let mut datagram = vec![0x45; 1];
+        datagram.extend_from_slice(&[0; 19]);
+        datagram.extend_from_slice(&message);
+        assert_eq!(
+            parse_reply(&datagram, Kind::Raw { ident: 9 }, false),
+            Some((1, &b"x"[..]))
+        );
+    }
+
+    #[test]
+    fn other_messages_and_short_buffers_are_ignored() {
+        let request = echo_request(false, 1, 1, b"");
+        assert_eq!(parse_reply(&request, Kind::Ping, false), None);
+        assert_eq!(parse_reply(&[0; 3], Kind::Ping, false), None);
+        assert_eq!(parse_reply(&[], Kind::Raw { ident: 1 }, false), None);
+    }
+}
