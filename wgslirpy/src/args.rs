@@ -184,6 +184,7 @@ impl GatewayArgs {
                     private_key,
                     peers: vec![PeerConfig {
                         public_key,
+                        preshared_key: None,
                         endpoint: self.peer_endpoint,
                         keepalive: self.keepalive_interval,
                         allowed_ips: PeerConfig::allow_all(),
