@@ -67,13 +67,51 @@ impl Cli {
     }
 }
 
-/// Key utilities, compatible with `wg genkey` and `wg pubkey`.
+/// Key utilities, compatible with `wg genkey` and `wg pubkey`, and the
+/// one-step setup.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print a new random private key (like `wg genkey`).
     Genkey,
     /// Read a private key on standard input and print its public key (like `wg pubkey`).
     Pubkey,
+    /// Write a gateway config file with one peer, and print that peer's wg-quick config
+    /// and QR code.
+    Init {
+        /// Where peers will reach the gateway: HOST:PORT (IPv6 as [addr]:port). The
+        /// gateway listens on PORT on every address.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: String,
+        /// The gateway config file to write.
+        #[arg(
+            short = 'c',
+            long,
+            value_name = "FILE",
+            default_value = "wgslirpy.conf"
+        )]
+        config: PathBuf,
+        /// Overwrite the config file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a peer to a gateway config file made by `init`, and print its wg-quick config
+    /// and QR code.
+    AddPeer {
+        /// The gateway config file to add the peer to.
+        #[arg(
+            short = 'c',
+            long,
+            value_name = "FILE",
+            default_value = "wgslirpy.conf"
+        )]
+        config: PathBuf,
+        /// A name for the peer, written as a comment above its [Peer] section.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where peers reach the gateway, HOST:PORT, if not the file's PublicEndpoint.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Option<String>,
+    },
 }
 
 /// Flags of the gateway itself.
