@@ -1,8 +1,8 @@
 //! Validated settings.
 //!
 //! Everything a gateway needs to start is described by [`Config`]. The CLI
-//! (and, later, a config file) parse user text into these types through the
-//! `FromStr` impls here, so both report the same errors. A `Config` that
+//! and config files ([`crate::config_file`]) parse user text into these
+//! types through the `FromStr` impls here, so both report the same errors. A `Config` that
 //! exists is well-formed: keys decode, addresses parse, limits are in range.
 //! Whether a port can actually be bound is only known when [`crate::run`]
 //! tries it.
@@ -85,6 +85,9 @@ pub enum Transport {
 pub struct PeerConfig {
     /// The peer's public key.
     pub public_key: Key,
+    /// Optional symmetric key mixed into every handshake with this peer
+    /// (`PresharedKey` in a config file), for post-quantum resistance.
+    pub preshared_key: Option<Key>,
     /// Where to send handshakes before the peer has spoken. Roaming replaces
     /// it with the source of the newest authenticated packet.
     pub endpoint: Option<SocketAddr>,

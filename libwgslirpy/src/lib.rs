@@ -7,6 +7,8 @@
 //!
 //! ## Layers
 //! - [`config`]: validated settings, shared by every front end.
+//! - [`config_file`]: WireGuard-format configuration files (`wg-quick`'s
+//!   `[Interface]` and `[Peer]`, plus a `[wgslirpy]` section).
 //! - [`tunnel`]: transports that turn UDP datagrams into plain IP packets
 //!   per peer, and back (WireGuard through gotatun, or raw IP over UDP).
 //! - [`core`]: the router itself, a deterministic state machine. Packets and
@@ -19,6 +21,7 @@
 //! [`Config`] and a shutdown future.
 
 pub mod config;
+pub mod config_file;
 pub mod core;
 pub mod driver;
 pub mod tunnel;

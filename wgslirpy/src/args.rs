@@ -3,16 +3,25 @@
 //!
 //! Clap checks the shape of each value (an address, a number, a triplet);
 //! [`GatewayArgs::into_config`] checks what needs several flags at once, and
-//! reads the key file. Every error names the flag it is about.
+//! reads the key file and the config file (`-c`). Every error names the flag
+//! or the file line it is about.
+//!
+//! Precedence: command line > config file > defaults. A flag counts as given
+//! only if it was on the command line ([`Cli::parse_args`] records that), so
+//! `--mtu 1420` overrides a file's `MTU` even though 1420 is the default.
 
+use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use libwgslirpy::Config;
 use libwgslirpy::config::{Forward, Key, PeerConfig, Transport};
+use libwgslirpy::config_file::ConfigFile;
 use libwgslirpy::core::policy::Rule;
 
 /// The `-k` keyword that, with `-K GUE`, selects raw IP over UDP.
@@ -39,18 +48,81 @@ pub struct Cli {
     pub gateway: GatewayArgs,
 }
 
-/// Key utilities, compatible with `wg genkey` and `wg pubkey`.
+impl Cli {
+    /// Parses `args` (the program name first) and records which gateway
+    /// flags were given on the command line, for the precedence over a
+    /// config file.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
+        cli.gateway.given = matches
+            .ids()
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        Ok(cli)
+    }
+}
+
+/// Key utilities, compatible with `wg genkey` and `wg pubkey`, and the
+/// one-step setup.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print a new random private key (like `wg genkey`).
     Genkey,
     /// Read a private key on standard input and print its public key (like `wg pubkey`).
     Pubkey,
+    /// Write a gateway config file with one peer, and print that peer's wg-quick config
+    /// and QR code.
+    Init {
+        /// Where peers will reach the gateway: HOST:PORT (IPv6 as [addr]:port). The
+        /// gateway listens on PORT on every address.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: String,
+        /// The gateway config file to write.
+        #[arg(
+            short = 'c',
+            long,
+            value_name = "FILE",
+            default_value = "wgslirpy.conf"
+        )]
+        config: PathBuf,
+        /// Overwrite the config file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a peer to a gateway config file made by `init`, and print its wg-quick config
+    /// and QR code.
+    AddPeer {
+        /// The gateway config file to add the peer to.
+        #[arg(
+            short = 'c',
+            long,
+            value_name = "FILE",
+            default_value = "wgslirpy.conf"
+        )]
+        config: PathBuf,
+        /// A name for the peer, written as a comment above its [Peer] section.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where peers reach the gateway, HOST:PORT, if not the file's PublicEndpoint.
+        #[arg(long, value_name = "HOST:PORT")]
+        endpoint: Option<String>,
+    },
 }
 
 /// Flags of the gateway itself.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
+    /// Read the keys, peers and settings from this file: WireGuard's format (a file for
+    /// `wg setconf` or `wg-quick` works), plus a [wgslirpy] section. Flags override it.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Main private key of this WireGuard node, base64-encoded, or INSECURE for raw IP mode.
     #[arg(
         short = 'k',
@@ -66,7 +138,12 @@ pub struct GatewayArgs {
     private_key_file: Option<PathBuf>,
 
     /// Peer's public key, base64-encoded, or GUE for raw IP mode.
-    #[arg(short = 'K', long, value_name = "KEY", required = true)]
+    #[arg(
+        short = 'K',
+        long,
+        value_name = "KEY",
+        required_unless_present = "config"
+    )]
     peer_key: Option<String>,
 
     /// Address of the peer's UDP socket, where to send handshakes and keepalives.
@@ -79,7 +156,12 @@ pub struct GatewayArgs {
     keepalive_interval: Option<u16>,
 
     /// Where to bind our own UDP socket for the WireGuard connection.
-    #[arg(short = 'b', long, value_name = "IP:PORT", required = true)]
+    #[arg(
+        short = 'b',
+        long,
+        value_name = "IP:PORT",
+        required_unless_present = "config"
+    )]
     bind_ip_port: Option<SocketAddr>,
 
     /// Serve DNS over UDP at this address within the WireGuard network: A and AAAA from the
@@ -186,49 +268,131 @@ pub struct GatewayArgs {
     /// Example: -t 0.0.0.0:1234,,10.0.2.15:1234
     #[arg(short = 't', long, value_name = "HOST,SOURCE,DEST")]
     incoming_tcp: Vec<Forward>,
+
+    /// Ids of the flags given on the command line (see [`Cli::parse_args`]).
+    #[arg(skip)]
+    given: BTreeSet<String>,
 }
 
 impl GatewayArgs {
-    /// Checks the flags together and builds the gateway's configuration.
+    /// Checks the flags together, with the config file if there is one, and
+    /// builds the gateway's configuration.
     pub fn into_config(self) -> anyhow::Result<Config> {
-        let transport = self.transport()?;
-        let bind = self.bind_ip_port.context("--bind-ip-port is required")?;
+        let file = self.config.as_deref().map(ConfigFile::load).transpose()?;
+        let transport = match &file {
+            None => self.transport()?,
+            Some(file) => self.transport_with_file(file)?,
+        };
+        let bind = match (self.bind_ip_port, &file) {
+            (Some(bind), _) => bind,
+            (None, Some(file)) => file.bind().with_context(|| {
+                format!(
+                    "{}: no Bind in [wgslirpy] nor ListenPort in [Interface], and no \
+                     --bind-ip-port",
+                    file.path.display()
+                )
+            })?,
+            (None, None) => bail!("--bind-ip-port is required"),
+        };
         let mut config = Config::new(transport, bind);
-        config.mtu = self.mtu;
-        config.pingable = self.pingable;
-        config.dns = self.dns;
-        config.dns_timeout = Duration::from_secs(self.dns_timeout);
-        config.max_dns_queries = self.max_dns_queries;
-        config.resolver_threads = self.resolver_threads;
-        config.tcp_buffer_size = self.tcp_buffer_size;
-        config.transmit_queue_capacity = self.transmit_queue_capacity;
-        config.max_udp_flows = self.max_udp_flows;
-        config.udp_idle_timeout = Duration::from_secs(self.udp_idle_timeout);
-        config.max_tcp_connections = self.max_tcp_connections;
-        config.max_tcp_pending_connects = self.max_tcp_pending_connects;
-        config.tcp_connect_timeout = Duration::from_secs(self.tcp_connect_timeout);
-        config.tcp_idle_timeout = Duration::from_secs(self.tcp_idle_timeout);
-        config.incoming_udp = self.incoming_udp;
-        config.incoming_tcp = self.incoming_tcp;
-        config.uapi_socket = self.uapi_socket;
-        config.allow = self.allow;
-        config.deny = self.deny;
-        config.host_address = self.host_address;
-        config.max_reassembly_bytes = self.max_reassembly_bytes;
-        config.max_icmp_ids = self.max_icmp_ids;
+        if let Some(file) = &file {
+            file.settings.apply(&mut config);
+        }
+        self.apply_flags(&mut config);
         config.validate()?;
         Ok(config)
     }
 
-    fn transport(&self) -> anyhow::Result<Transport> {
-        let private_key = match (&self.private_key, &self.private_key_file) {
-            (Some(key), None) => key.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("--private-key-file {}", path.display()))?,
-            (None, None) => {
-                bail!("a private key is needed: give --private-key or --private-key-file")
-            }
+    /// Sets on `config` the router settings given on the command line. A
+    /// repeatable flag replaces the file's list rather than adding to it.
+    fn apply_flags(self, config: &mut Config) {
+        let given = |id: &str| self.given.contains(id);
+        if given("mtu") {
+            config.mtu = self.mtu;
+        }
+        if given("tcp_buffer_size") {
+            config.tcp_buffer_size = self.tcp_buffer_size;
+        }
+        if given("transmit_queue_capacity") {
+            config.transmit_queue_capacity = self.transmit_queue_capacity;
+        }
+        if given("max_udp_flows") {
+            config.max_udp_flows = self.max_udp_flows;
+        }
+        if given("udp_idle_timeout") {
+            config.udp_idle_timeout = Duration::from_secs(self.udp_idle_timeout);
+        }
+        if self.dns.is_some() {
+            config.dns = self.dns;
+        }
+        if !self.pingable.is_empty() {
+            config.pingable = self.pingable;
+        }
+        if !self.incoming_udp.is_empty() {
+            config.incoming_udp = self.incoming_udp;
+        }
+        if !self.incoming_tcp.is_empty() {
+            config.incoming_tcp = self.incoming_tcp;
+        }
+        if self.uapi_socket.is_some() {
+            config.uapi_socket = self.uapi_socket;
+        }
+        if given("dns_timeout") {
+            config.dns_timeout = Duration::from_secs(self.dns_timeout);
+        }
+        if given("max_dns_queries") {
+            config.max_dns_queries = self.max_dns_queries;
+        }
+        if given("resolver_threads") {
+            config.resolver_threads = self.resolver_threads;
+        }
+        if given("max_tcp_connections") {
+            config.max_tcp_connections = self.max_tcp_connections;
+        }
+        if given("max_tcp_pending_connects") {
+            config.max_tcp_pending_connects = self.max_tcp_pending_connects;
+        }
+        if given("tcp_connect_timeout") {
+            config.tcp_connect_timeout = Duration::from_secs(self.tcp_connect_timeout);
+        }
+        if given("tcp_idle_timeout") {
+            config.tcp_idle_timeout = Duration::from_secs(self.tcp_idle_timeout);
+        }
+        if given("max_reassembly_bytes") {
+            config.max_reassembly_bytes = self.max_reassembly_bytes;
+        }
+        if given("max_icmp_ids") {
+            config.max_icmp_ids = self.max_icmp_ids;
+        }
+        if !self.allow.is_empty() {
+            config.allow = self.allow;
+        }
+        if !self.deny.is_empty() {
+            config.deny = self.deny;
+        }
+        if self.host_address.is_some() {
+            config.host_address = self.host_address;
+        }
+    }
+
+    /// The private key's text and the flag it came from, if given.
+    fn private_key_text(&self) -> anyhow::Result<Option<(String, &'static str)>> {
+        Ok(match (&self.private_key, &self.private_key_file) {
+            (Some(key), None) => Some((key.clone(), "--private-key")),
+            (None, Some(path)) => Some((
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--private-key-file {}", path.display()))?,
+                "--private-key-file",
+            )),
+            (None, None) => None,
             (Some(_), Some(_)) => unreachable!("clap rejects both"),
+        })
+    }
+
+    /// The transport from the flags alone, as in wgslirpy 0.2.0.
+    fn transport(&self) -> anyhow::Result<Transport> {
+        let Some((private_key, source)) = self.private_key_text()? else {
+            bail!("a private key is needed: give --private-key or --private-key-file")
         };
         let peer_key = self.peer_key.as_deref().context("--peer-key is required")?;
         let raw_ip = (private_key.trim() == INSECURE, peer_key == GUE);
@@ -246,24 +410,69 @@ impl GatewayArgs {
             (true, false) => bail!("-k INSECURE needs -K GUE (raw IP mode)"),
             (false, true) => bail!("-K GUE needs -k INSECURE (raw IP mode)"),
             (false, false) => {
-                let source = if self.private_key.is_some() {
-                    "--private-key"
-                } else {
-                    "--private-key-file"
-                };
                 let private_key = Key::from_base64(&private_key).context(source)?;
-                let public_key = Key::from_base64(peer_key).context("--peer-key")?;
                 Ok(Transport::WireGuard {
                     private_key,
-                    peers: vec![PeerConfig {
-                        public_key,
-                        endpoint: self.peer_endpoint,
-                        keepalive: self.keepalive_interval,
-                        allowed_ips: PeerConfig::allow_all(),
-                    }],
+                    peers: vec![self.flag_peer(peer_key)?],
                 })
             }
         }
+    }
+
+    /// The WireGuard transport from a config file, with the flags on top:
+    /// `-k`/`-f` replace the file's private key; the `-K` peer is added to
+    /// the file's peers, or, if the file has that key, `-p` and `-a`
+    /// override that peer's endpoint and keepalive.
+    fn transport_with_file(&self, file: &ConfigFile) -> anyhow::Result<Transport> {
+        let path = file.path.display();
+        let key_text = self.private_key_text()?;
+        let insecure = key_text.as_ref().is_some_and(|(k, _)| k.trim() == INSECURE);
+        if insecure || self.peer_key.as_deref() == Some(GUE) {
+            bail!("raw IP mode (-k INSECURE -K GUE) cannot be combined with --config");
+        }
+        let private_key = match key_text {
+            Some((text, source)) => Key::from_base64(&text).context(source)?,
+            None => file.private_key.with_context(|| {
+                format!(
+                    "{path}: no PrivateKey in [Interface], and no --private-key or \
+                     --private-key-file"
+                )
+            })?,
+        };
+        let mut peers = file.peers.clone();
+        match &self.peer_key {
+            Some(peer_key) => {
+                let flag_peer = self.flag_peer(peer_key)?;
+                match peers
+                    .iter_mut()
+                    .find(|peer| peer.public_key == flag_peer.public_key)
+                {
+                    Some(peer) => {
+                        peer.endpoint = flag_peer.endpoint.or(peer.endpoint);
+                        peer.keepalive = flag_peer.keepalive.or(peer.keepalive);
+                    }
+                    None => peers.push(flag_peer),
+                }
+            }
+            None if self.peer_endpoint.is_some() || self.keepalive_interval.is_some() => {
+                bail!("--peer-endpoint and --keepalive-interval need --peer-key")
+            }
+            None if peers.is_empty() => bail!("{path}: no [Peer] section, and no --peer-key"),
+            None => {}
+        }
+        Ok(Transport::WireGuard { private_key, peers })
+    }
+
+    /// The peer that `-K`, `-p` and `-a` describe; it may use any inner
+    /// address, as in 0.2.0.
+    fn flag_peer(&self, peer_key: &str) -> anyhow::Result<PeerConfig> {
+        Ok(PeerConfig {
+            public_key: Key::from_base64(peer_key).context("--peer-key")?,
+            preshared_key: None,
+            endpoint: self.peer_endpoint,
+            keepalive: self.keepalive_interval,
+            allowed_ips: PeerConfig::allow_all(),
+        })
     }
 }
 
@@ -273,9 +482,11 @@ mod tests {
 
     const PRIVATE: &str = "SG43Zi0wGp4emfJ/XpTnnmtnK8SSjjIHOc3Zh37c928=";
     const PEER: &str = "rPpCjWzIv/yAtZZi+C/pVprie8D0QaGlPtJXlDi6bmI=";
+    /// The public key of `PRIVATE`.
+    const PRIVATE_PUBLIC: &str = "MR2RF5Tp+6BKt9k+deKg1GqR3re3ckJKti+uwZA84DU=";
 
     fn parse(args: &[&str]) -> anyhow::Result<Config> {
-        let cli = Cli::try_parse_from(std::iter::once("wgslirpy").chain(args.iter().copied()))?;
+        let cli = Cli::parse_args(std::iter::once("wgslirpy").chain(args.iter().copied()))?;
         cli.gateway.into_config()
     }
 
@@ -404,6 +615,194 @@ mod tests {
             panic!("not WireGuard");
         };
         assert_eq!(private_key.to_base64(), PRIVATE);
+    }
+
+    /// Writes `text` to a fresh file and parses `args` with `-c FILE` first.
+    fn parse_with_file(text: &str, args: &[&str]) -> anyhow::Result<Config> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "wgslirpy-args-{}-{}.conf",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        let path_text = path.to_str().unwrap().to_owned();
+        let mut all = vec!["-c", path_text.as_str()];
+        all.extend_from_slice(args);
+        let result = parse(&all);
+        std::fs::remove_file(&path).unwrap();
+        result
+    }
+
+    /// The file's private key.
+    const OTHER: &str = "4Khaa5tgPI9NJsO2R896Yd6748k9fW4aapGZnIcUM14=";
+
+    /// A gateway file with one peer, `PEER`, and a few settings.
+    fn file_text() -> String {
+        format!(
+            "[Interface]\nPrivateKey = {OTHER}\nListenPort = 5000\n\
+             [Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.0.2.2/32\n\
+             Endpoint = 192.0.2.1:51820\nPersistentKeepalive = 5\n\
+             [wgslirpy]\nMTU = 1300\nMaxUdpFlows = 7\nPingable = 10.0.2.1\n"
+        )
+    }
+
+    fn peers(config: &Config) -> &[PeerConfig] {
+        match &config.transport {
+            Transport::WireGuard { peers, .. } => peers,
+            Transport::RawIp { .. } => panic!("not WireGuard"),
+        }
+    }
+
+    #[test]
+    fn config_file_alone() {
+        let config = parse_with_file(&file_text(), &[]).unwrap();
+        assert_eq!(config.bind, "[::]:5000".parse().unwrap());
+        assert_eq!(config.mtu, 1300);
+        assert_eq!(config.max_udp_flows, 7);
+        assert_eq!(config.pingable, ["10.0.2.1".parse::<IpAddr>().unwrap()]);
+        let Transport::WireGuard { private_key, .. } = &config.transport else {
+            panic!("not WireGuard");
+        };
+        assert_eq!(private_key.to_base64(), OTHER);
+        let [peer] = peers(&config) else {
+            panic!("one peer wanted")
+        };
+        assert_eq!(peer.public_key.to_base64(), PEER);
+        assert_eq!(peer.allowed_ips, ["10.0.2.2/32".parse().unwrap()]);
+        assert_eq!(peer.keepalive, Some(5));
+    }
+
+    /// Command line > file > default, and a flag given with its default
+    /// value still counts as given.
+    #[test]
+    fn precedence_command_line_then_file_then_default() {
+        let config = parse_with_file(
+            &file_text(),
+            &[
+                "--mtu",
+                "1420",
+                "-P",
+                "fd00::1",
+                "-k",
+                PRIVATE,
+                "-b",
+                "127.0.0.1:6000",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.mtu, 1420, "command line over file");
+        assert_eq!(config.max_udp_flows, 7, "file over default");
+        assert_eq!(config.tcp_buffer_size, 65535, "default");
+        assert_eq!(
+            config.pingable,
+            ["fd00::1".parse::<IpAddr>().unwrap()],
+            "-P replaces the file's list"
+        );
+        assert_eq!(config.bind, "127.0.0.1:6000".parse().unwrap());
+        let Transport::WireGuard { private_key, .. } = &config.transport else {
+            panic!("not WireGuard");
+        };
+        assert_eq!(private_key.to_base64(), PRIVATE, "-k over PrivateKey");
+    }
+
+    #[test]
+    fn flag_peer_is_added_or_overrides_the_same_key() {
+        let added = parse_with_file(&file_text(), &["-K", PRIVATE_PUBLIC, "-a", "9"]).unwrap();
+        let peers_added = peers(&added);
+        assert_eq!(peers_added.len(), 2);
+        assert_eq!(peers_added[1].public_key.to_base64(), PRIVATE_PUBLIC);
+        assert_eq!(peers_added[1].allowed_ips, PeerConfig::allow_all());
+        assert_eq!(peers_added[1].keepalive, Some(9));
+
+        let same = parse_with_file(&file_text(), &["-K", PEER, "-p", "192.0.2.9:1"]).unwrap();
+        let [peer] = peers(&same) else {
+            panic!("the flags must override the file's peer, not add one")
+        };
+        assert_eq!(peer.endpoint, Some("192.0.2.9:1".parse().unwrap()));
+        assert_eq!(peer.keepalive, Some(5), "no -a: the file's keepalive stays");
+        assert_eq!(peer.allowed_ips, ["10.0.2.2/32".parse().unwrap()]);
+    }
+
+    #[test]
+    fn config_file_errors() {
+        let no_key = format!("[Peer]\nPublicKey = {PEER}\n[wgslirpy]\nBind = 127.0.0.1:1\n");
+        let error = parse_with_file(&no_key, &[]).unwrap_err().to_string();
+        assert!(
+            error.ends_with(
+                "no PrivateKey in [Interface], and no --private-key or --private-key-file"
+            ),
+            "{error}"
+        );
+        let error = parse_with_file(
+            &format!("[Interface]\nPrivateKey = {OTHER}\n"),
+            &["-K", PEER],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("no Bind in [wgslirpy] nor ListenPort"),
+            "{error}"
+        );
+        let error = parse_with_file(&file_text(), &["-p", "192.0.2.1:1"]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--peer-endpoint and --keepalive-interval need --peer-key"
+        );
+        let error = parse_with_file(&file_text(), &["-k", "INSECURE", "-K", "GUE"]).unwrap_err();
+        assert!(error.to_string().starts_with("raw IP mode"), "{error}");
+        let error = parse_with_file("[Interface]\nListenPort = x\n", &[]).unwrap_err();
+        assert!(
+            format!("{error:#}").ends_with(".conf:2: ListenPort: `x` is not a port number"),
+            "{error:#}"
+        );
+        let error = parse(&["-c", "/nonexistent.conf"]).unwrap_err();
+        assert_eq!(
+            format!("{error:#}"),
+            "cannot read /nonexistent.conf: No such file or directory (os error 2)"
+        );
+    }
+
+    /// Without `-c`, a flag left out means the library's default, so the
+    /// 0.2.0 command line means what it did.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let config = parse(&["-k", PRIVATE, "-K", PEER, "-b", "127.0.0.1:1"]).unwrap();
+        let library = Config::new(config.transport.clone(), config.bind);
+        assert_eq!(config.mtu, library.mtu);
+        assert_eq!(config.tcp_buffer_size, library.tcp_buffer_size);
+        assert_eq!(
+            config.transmit_queue_capacity,
+            library.transmit_queue_capacity
+        );
+        assert_eq!(config.max_udp_flows, library.max_udp_flows);
+        assert_eq!(config.udp_idle_timeout, library.udp_idle_timeout);
+        // And flags not given are not mistaken for given ones.
+        let cli = Cli::parse_args([
+            "wgslirpy",
+            "-k",
+            PRIVATE,
+            "-K",
+            PEER,
+            "-b",
+            "127.0.0.1:1",
+            "--mtu",
+            "1400",
+        ])
+        .unwrap();
+        let given = &cli.gateway.given;
+        for id in ["bind_ip_port", "mtu", "peer_key", "private_key"] {
+            assert!(given.contains(id), "{id} not recorded in {given:?}");
+        }
+        for id in [
+            "tcp_buffer_size",
+            "max_udp_flows",
+            "udp_idle_timeout",
+            "config",
+        ] {
+            assert!(!given.contains(id), "{id} was not given: {given:?}");
+        }
     }
 
     #[test]

@@ -6,18 +6,18 @@
 //! that does not parse.
 
 mod args;
+mod setup;
 
 use std::io::Read as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use libwgslirpy::config::Key;
 
 use args::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(error) => return report_usage_error(error),
     };
@@ -70,8 +70,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", private.public_key().to_base64());
             Ok(())
         }
+        Some(Command::Init {
+            endpoint,
+            config,
+            force,
+        }) => {
+            let peer = setup::init(&config, &endpoint, force)?;
+            print_new_peer(&peer)?;
+            eprintln!(
+                "wrote the gateway config {path}; start the gateway with: wgslirpy -c {path}",
+                path = config.display()
+            );
+            Ok(())
+        }
+        Some(Command::AddPeer {
+            config,
+            name,
+            endpoint,
+        }) => {
+            let peer = setup::add_peer(&config, name.as_deref(), endpoint.as_deref())?;
+            print_new_peer(&peer)?;
+            eprintln!(
+                "added peer {} to {}; restart the gateway to use it",
+                peer.number,
+                config.display()
+            );
+            Ok(())
+        }
         None => serve(cli.gateway.into_config()?),
     }
+}
+
+/// Prints a new peer's wg-quick config, then the same as a QR code.
+fn print_new_peer(peer: &setup::NewPeer) -> anyhow::Result<()> {
+    let qr = peer.qr_code()?;
+    println!(
+        "# wg-quick config of peer {}: import it, or scan the QR code below\n{}\n{qr}",
+        peer.number, peer.config
+    );
+    Ok(())
 }
 
 fn serve(config: libwgslirpy::Config) -> anyhow::Result<()> {

@@ -106,6 +106,9 @@ pub(super) async fn start(
         }
         let mut device_peer = Peer::new(x25519::PublicKey::from(peer.public_key.0))
             .with_allowed_ips(peer.allowed_ips.iter().copied());
+        if let Some(psk) = peer.preshared_key {
+            device_peer = device_peer.with_preshared_key(psk.0);
+        }
         device_peer.endpoint = peer.endpoint;
         device_peer.keepalive = peer.keepalive.filter(|&seconds| seconds != 0);
         device_peer
@@ -336,6 +339,7 @@ mod tests {
     fn peer(public_key: Key, endpoint: Option<SocketAddr>, allowed: &str) -> PeerConfig {
         PeerConfig {
             public_key,
+            preshared_key: None,
             endpoint,
             keepalive: None,
             allowed_ips: vec![allowed.parse().unwrap()],

@@ -42,7 +42,8 @@
 //! commands in a namespace with a timeout, [`Rig::spawn`] for more background processes,
 //! [`Rig::wait_handshake`] and `wg show` parsing, [`Rig::ping`], [`Rig::udp_roundtrip`],
 //! [`Rig::tcp_roundtrip`], [`Rig::http_get`], [`Rig::roam_peer_v4`],
-//! [`Rig::add_extra_wg_peer`], and gateway control ([`Rig::start_gateway`],
+//! [`Rig::add_extra_wg_peer`], a second peer namespace ([`Rig::add_peer_netns`], with
+//! [`Rig::start_wireguard_go`] for a device in it), and gateway control ([`Rig::start_gateway`],
 //! [`Rig::stop_gateway`], [`Rig::gateway_log`]).
 //!
 //! # Address plan
@@ -61,6 +62,8 @@
 //! | internet server (`gw0`)          | 198.18.2.2/24               | fd00:2::2/64        |
 //! | peer inner (in the tunnel)       | 198.19.77.2                 | fd77::2             |
 //! | gateway inner (`-P`, `-D`)       | 198.19.77.1                 | fd77::1             |
+//! | second peer ns underlay (`up0`)  | 198.18.3.2/24               | fd00:3::2/64        |
+//! | gateway side of it (`peer1`)     | 198.18.3.1/24               | fd00:3::1/64        |
 //!
 //! # Network rule
 //!
@@ -122,6 +125,12 @@ pub const GW_UNDERLAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
 /// Prefix length of both underlay subnets.
 pub const UNDERLAY_PREFIX_V4: u8 = 24;
 pub const UNDERLAY_PREFIX_V6: u8 = 64;
+/// Underlay of the second peer namespace ([`Rig::add_peer_netns`]) and the gateway's side of
+/// its link.
+pub const PEER2_UNDERLAY_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
+pub const PEER2_UNDERLAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 2);
+pub const GW_PEER2_SIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+pub const GW_PEER2_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 1);
 /// Gateway's internet-side address: what the internet servers see as the source.
 pub const GW_INET_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 pub const GW_INET_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
@@ -965,6 +974,7 @@ impl RigBuilder {
             gateway_cmd: Vec::new(),
             procs: Vec::new(),
             wg_devs: Vec::new(),
+            extra_ns: Vec::new(),
             peer_underlay_v4: PEER_UNDERLAY_V4,
             cfg: self,
         };
@@ -1013,6 +1023,8 @@ pub struct Rig {
     gateway_cmd: Vec<String>,
     procs: Vec<Proc>,
     wg_devs: Vec<String>,
+    /// Namespaces added after setup ([`Rig::add_peer_netns`]).
+    extra_ns: Vec<Netns>,
     peer_underlay_v4: Ipv4Addr,
     cfg: RigBuilder,
 }
@@ -1496,8 +1508,29 @@ impl Rig {
     /// Starts `wireguard-go -f <dev>` in the peer ns with `keys` and `listen_port`, and waits
     /// for its control socket. The device is left down and without peers.
     pub fn start_wg_device(&mut self, dev: &str, keys: &KeyPair, listen_port: u16) {
+        let peer = self.peer.clone();
+        self.start_wireguard_go(&peer, dev);
+        let key_path = self.dir.join(format!("{dev}.key"));
+        fs::write(&key_path, format!("{}\n", keys.private)).unwrap();
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+        let key_path = key_path.to_string_lossy().into_owned();
+        let port = listen_port.to_string();
+        self.peer.ok(&[
+            "wg",
+            "set",
+            dev,
+            "private-key",
+            &key_path,
+            "listen-port",
+            &port,
+        ]);
+    }
+
+    /// Starts `wireguard-go -f <dev>` in `ns` and waits for its control socket. The device
+    /// is left down, without key or peers (configure it with `wg`). Stopped at cleanup.
+    pub fn start_wireguard_go(&mut self, ns: &Netns, dev: &str) {
         assert!(dev.len() <= 15, "interface name {dev} too long");
-        let mut cmd = self.peer.command("wireguard-go");
+        let mut cmd = ns.command("wireguard-go");
         cmd.args(["-f", dev])
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
             .env("LOG_LEVEL", "verbose");
@@ -1515,20 +1548,39 @@ impl Rig {
                 p.log_tail(30)
             );
         }
-        let key_path = self.dir.join(format!("{dev}.key"));
-        fs::write(&key_path, format!("{}\n", keys.private)).unwrap();
-        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
-        let key_path = key_path.to_string_lossy().into_owned();
-        let port = listen_port.to_string();
-        self.peer.ok(&[
-            "wg",
-            "set",
-            dev,
-            "private-key",
-            &key_path,
-            "listen-port",
-            &port,
-        ]);
+    }
+
+    /// Adds a second peer namespace (`wgs-<tag>-peer2`), linked to the gateway ns by its own
+    /// veth pair (see the address plan), with routes to the gateway's underlay addresses so
+    /// that the gateway's usual endpoint works from it too. It is deleted at cleanup.
+    pub fn add_peer_netns(&mut self) -> Netns {
+        let ns = Netns {
+            name: format!("wgs-{}-peer2", self.tag),
+        };
+        let mut c = Command::new("ip");
+        c.args(["netns", "add", &ns.name]);
+        run_timeout(c, CMD_TIMEOUT).expect_success();
+        self.extra_ns.push(ns.clone());
+        ns.ip("link set lo up");
+        ns.ip(&format!(
+            "link add up0 type veth peer name peer1 netns {}",
+            self.gw.name
+        ));
+        for (side, dev, v4, v6) in [
+            (&ns, "up0", PEER2_UNDERLAY_V4, PEER2_UNDERLAY_V6),
+            (&self.gw, "peer1", GW_PEER2_SIDE_V4, GW_PEER2_SIDE_V6),
+        ] {
+            side.ip(&format!("addr add {v4}/24 dev {dev}"));
+            side.ip(&format!("addr add {v6}/64 dev {dev} nodad"));
+            side.ip(&format!("link set {dev} up"));
+        }
+        ns.ip(&format!(
+            "route add {GW_UNDERLAY_V4}/32 via {GW_PEER2_SIDE_V4}"
+        ));
+        ns.ip(&format!(
+            "-6 route add {GW_UNDERLAY_V6}/128 via {GW_PEER2_SIDE_V6}"
+        ));
+        ns
     }
 
     /// `wg set <dev> peer <pubkey> allowed-ips 0.0.0.0/0,::/0 [endpoint ..] [persistent-keepalive ..]`
@@ -1858,7 +1910,7 @@ impl Rig {
                 self.peer.run(&["wg", "show", dev]).stdout
             ));
         }
-        for ns in [&self.peer, &self.gw] {
+        for ns in [&self.peer, &self.gw].into_iter().chain(&self.extra_ns) {
             let addrs = ns.run(&["ip", "-br", "addr"]).stdout;
             s.push_str(&format!("----- {} addresses -----\n{addrs}", ns.name));
         }
@@ -1880,7 +1932,10 @@ impl Rig {
             p.wait_exit(deadline.saturating_duration_since(Instant::now()));
             p.stop(Duration::ZERO);
         }
-        for ns in [&self.peer, &self.gw, &self.inet] {
+        for ns in [&self.peer, &self.gw, &self.inet]
+            .into_iter()
+            .chain(&self.extra_ns)
+        {
             ns.destroy();
         }
         for dev in &self.wg_devs {
