@@ -6,6 +6,7 @@
 //! whether the connection is still alive. A connection that returns
 //! [`Alive::No`] has already pushed whatever socket action its end needs.
 
+mod active;
 mod output;
 
 use std::collections::VecDeque;
@@ -77,6 +78,9 @@ enum State {
     /// SYN received; the host connect is pending. Only a retransmitted SYN
     /// (ignored) or a RST (ends it) mean anything.
     Connecting { since: Instant },
+    /// Active open (a reverse forward): our SYN sent or due, waiting for
+    /// the peer's SYN-ACK. No host data is read yet.
+    SynSent { since: Instant },
     /// Host connected; SYN-ACK sent or due, waiting for the peer's ACK.
     /// Host data may already be buffered, none is sent.
     SynReceived,
@@ -138,6 +142,8 @@ pub(super) struct Conn {
     /// Our FIN went out before the peer's arrived: we close first.
     closed_first: bool,
     syn_ack_due: bool,
+    /// Our SYN is due (active open only).
+    syn_due: bool,
     /// A zero-window probe is due.
     probe: bool,
 
@@ -209,6 +215,7 @@ impl Conn {
             fin_acked: false,
             closed_first: false,
             syn_ack_due: false,
+            syn_due: false,
             probe: false,
             rto: Rto::new(),
             rto_at: None,
@@ -241,6 +248,10 @@ impl Conn {
     pub(super) fn deadline(&self, settings: &Settings) -> Instant {
         let idle = match self.state {
             State::Connecting { since } => return since + settings.connect_timeout,
+            State::SynSent { since } => {
+                let give_up = since + settings.connect_timeout;
+                return self.rto_at.map_or(give_up, |at| at.min(give_up));
+            }
             State::TimeWait { until } => return until,
             State::Open if self.inbound != Inbound::Open || self.host_eof => {
                 settings.idle_timeout.min(HALF_CLOSED_IDLE)
@@ -279,7 +290,7 @@ impl Conn {
         if self.host_eof
             || matches!(
                 self.state,
-                State::Connecting { .. } | State::TimeWait { .. }
+                State::Connecting { .. } | State::SynSent { .. } | State::TimeWait { .. }
             )
         {
             return;
@@ -336,7 +347,7 @@ impl Conn {
     pub(super) fn on_host_error(&mut self, ctx: &mut Ctx<'_>) -> Alive {
         if !matches!(
             self.state,
-            State::Connecting { .. } | State::TimeWait { .. }
+            State::Connecting { .. } | State::SynSent { .. } | State::TimeWait { .. }
         ) {
             self.send_rst(ctx);
         }
@@ -357,6 +368,7 @@ impl Conn {
                 }
                 return Alive::Yes;
             }
+            State::SynSent { since } => return self.on_syn_sent_timer(now, since, ctx),
             State::TimeWait { until } => {
                 return if now >= until { Alive::No } else { Alive::Yes };
             }
@@ -430,6 +442,7 @@ impl Conn {
                 // still pending, nothing to say yet.
                 return Alive::Yes;
             }
+            State::SynSent { .. } => return self.on_syn_sent_segment(now, seg, ctx),
             State::TimeWait { .. } => {
                 if seg.rst {
                     return Alive::No;

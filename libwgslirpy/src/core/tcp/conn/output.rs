@@ -93,6 +93,7 @@ impl Conn {
     pub(in crate::core::tcp) fn wants_to_send(&self) -> bool {
         match self.state {
             State::Connecting { .. } => false,
+            State::SynSent { .. } => self.syn_due,
             State::SynReceived => self.syn_ack_due,
             State::TimeWait { .. } => self.ack_due,
             State::Open => {
@@ -128,6 +129,7 @@ impl Conn {
     ) -> Option<BytesMut> {
         match self.state {
             State::Connecting { .. } => None,
+            State::SynSent { .. } => self.poll_syn(now, ctx),
             State::SynReceived => {
                 if !self.syn_ack_due {
                     return None;
