@@ -347,7 +347,7 @@ impl Conn {
     pub(super) fn on_host_error(&mut self, ctx: &mut Ctx<'_>) -> Alive {
         if !matches!(
             self.state,
-            State::Connecting { .. } | State::SynSent { .. } | State::TimeWait { .. }
+            State::Connecting { .. } | State::TimeWait { .. }
         ) {
             self.send_rst(ctx);
         }
