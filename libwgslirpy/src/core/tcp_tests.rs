@@ -646,6 +646,69 @@ fn host_closes_first_and_the_peer_keeps_sending() {
     assert_eq!(h.router.poll_timeout(), None, "TIME-WAIT over");
 }
 
+/// The e2e failure of `half_close_server_first_every_byte_arrives`, step by
+/// step: the host closes first, the peer's last bytes and FIN arrive while
+/// the host socket still has them to write, and our ACK of that FIN closes
+/// the peer's socket (LAST-ACK to CLOSED). Any later segment of ours makes
+/// the peer's kernel answer with a RST; that RST must not discard the bytes
+/// we acknowledged (it used to become `TcpAbort`, SO_LINGER 0, and the host
+/// lost the tail of the upload).
+#[test]
+fn host_closes_first_and_a_rst_after_both_fins_loses_no_byte() {
+    let mut config = config();
+    config.tcp_buffer_size = 8192;
+    let mut h = Harness::new(&config);
+    let (flow, first) = h.establish();
+    h.router.handle_tcp_data(h.now, flow, b"greeting");
+    h.router.handle_tcp_eof(h.now, flow);
+    assert!(h.segs().last().unwrap().fin);
+    h.send_ack(first + 9, 512);
+    let body = pattern(6000);
+    h.send_data(&body, true);
+    let acts = h.actions();
+    assert_eq!(writes(&acts), body);
+    assert!(
+        !acts.contains(&SocketAction::TcpShutdownWrite { flow }),
+        "shutdown before the bytes were written"
+    );
+    let ack = h.segs();
+    assert_eq!(
+        ack.last().unwrap().ack,
+        Some(h.seq),
+        "the FIN is acknowledged"
+    );
+    // The host takes the bytes bit by bit: no window update goes to a peer
+    // that has sent its FIN (it would be a stray segment to a closed socket).
+    h.router.handle_tcp_written(h.now, flow, 3000);
+    assert!(h.actions().is_empty());
+    assert_eq!(h.segs(), vec![], "nothing after the ACK of the peer's FIN");
+    // The peer's kernel resets anyway (say, a duplicate of that ACK): the
+    // rest is still written, then the socket shut down and closed in order.
+    h.send(TcpSegment {
+        seq: h.seq,
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert!(
+        !h.actions()
+            .iter()
+            .any(|a| matches!(a, SocketAction::TcpAbort { .. })),
+        "the acknowledged bytes were thrown away"
+    );
+    h.router.handle_tcp_written(h.now, flow, 3000);
+    assert_eq!(
+        h.actions(),
+        vec![
+            SocketAction::TcpShutdownWrite { flow },
+            SocketAction::TcpClose { flow }
+        ]
+    );
+    assert_eq!(h.segs(), vec![], "nothing more for a peer that is gone");
+    assert_eq!(h.router.stats().tcp_closed, 1);
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.router.poll_timeout(), None);
+}
+
 #[test]
 fn rst_is_relayed_both_ways() {
     let mut h = Harness::new(&config());

@@ -35,6 +35,12 @@
 //!   was reported written; the host's EOF becomes our FIN after every
 //!   earlier byte, sent and retransmitted like data. When both are done and
 //!   our FIN is acknowledged, the socket is closed ([`SocketAction::TcpClose`]).
+//!   A RST from the peer aborts the host socket ([`SocketAction::TcpAbort`],
+//!   SO_LINGER 0), except once both FINs are acknowledged: the peer's end
+//!   may then already be gone, its kernel resets any segment we still send,
+//!   and the bytes we acknowledged are still written before the usual
+//!   shutdown and close (as RFC 1337 has TIME-WAIT ignore a RST). No window
+//!   update follows the peer's FIN: it would be exactly such a segment.
 //! - *TimeWait*: only when we closed first; 2 s without any socket, to
 //!   acknowledge a retransmitted FIN. A new SYN on the same addresses
 //!   replaces it at once.

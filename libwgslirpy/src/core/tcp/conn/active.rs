@@ -61,6 +61,7 @@ impl Conn {
             host_eof: false,
             fin_acked: false,
             closed_first: false,
+            peer_done: false,
             syn_ack_due: false,
             syn_due: true,
             probe: false,

@@ -141,6 +141,10 @@ pub(super) struct Conn {
     fin_acked: bool,
     /// Our FIN went out before the peer's arrived: we close first.
     closed_first: bool,
+    /// The peer reset after both FINs were acknowledged, so its end is
+    /// gone: we only finish writing to the host and say nothing more to
+    /// the peer.
+    peer_done: bool,
     syn_ack_due: bool,
     /// Our SYN is due (active open only).
     syn_due: bool,
@@ -214,6 +218,7 @@ impl Conn {
             host_eof: false,
             fin_acked: false,
             closed_first: false,
+            peer_done: false,
             syn_ack_due: false,
             syn_due: false,
             probe: false,
@@ -330,6 +335,12 @@ impl Conn {
             ctx.action(SocketAction::TcpShutdownWrite { flow: ctx.flow });
             return self.maybe_finish(now, ctx);
         }
+        if self.inbound != Inbound::Open {
+            // The peer sends nothing more, so a window update would only be
+            // a stray segment; if the peer's end is already gone (it got our
+            // ACK of its FIN), its kernel answers it with a RST.
+            return Alive::Yes;
+        }
         // Tell the peer about the space, once it is worth a segment (RFC 1122
         // receiver-side silly window avoidance).
         let edge = self
@@ -345,10 +356,12 @@ impl Conn {
 
     /// The host socket failed or was reset; the driver has dropped it.
     pub(super) fn on_host_error(&mut self, ctx: &mut Ctx<'_>) -> Alive {
-        if !matches!(
-            self.state,
-            State::Connecting { .. } | State::TimeWait { .. }
-        ) {
+        if !self.peer_done
+            && !matches!(
+                self.state,
+                State::Connecting { .. } | State::TimeWait { .. }
+            )
+        {
             self.send_rst(ctx);
         }
         Alive::No
@@ -455,6 +468,9 @@ impl Conn {
             }
             State::SynReceived | State::Open => {}
         }
+        if self.peer_done {
+            return Alive::Yes;
+        }
         if seg.rst {
             return self.on_rst(seg, ctx);
         }
@@ -495,6 +511,23 @@ impl Conn {
     }
 
     fn on_rst(&mut self, seg: &TcpSegment<'_>, ctx: &mut Ctx<'_>) -> Alive {
+        if seg.seq == self.rcv_nxt && self.inbound == Inbound::FinReceived && self.fin_acked {
+            // Every byte and FIN is acknowledged both ways: the peer's end is
+            // closed and this RST can only answer a stray segment (a
+            // duplicate ACK after our ACK of its FIN). It says nothing about
+            // the bytes we acknowledged, which still go to the host (RFC 1337
+            // treats a RST in TIME-WAIT the same way).
+            tracing::debug!(
+                flow = ctx.flow.0,
+                unwritten = self.unwritten,
+                "TCP reset by the peer after both FINs: writing the rest"
+            );
+            self.peer_done = true;
+            self.ack_due = false;
+            self.probe = false;
+            self.rto_at = None;
+            return Alive::Yes;
+        }
         if seg.seq == self.rcv_nxt {
             tracing::debug!(flow = ctx.flow.0, "TCP reset by the peer");
             ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
@@ -774,7 +807,7 @@ impl Conn {
         ctx.action(SocketAction::TcpClose { flow: ctx.flow });
         ctx.stats.tcp_closed += 1;
         tracing::debug!(flow = ctx.flow.0, "TCP connection closed");
-        if self.closed_first {
+        if self.closed_first && !self.peer_done {
             self.state = State::TimeWait {
                 until: now + TIME_WAIT,
             };

@@ -84,7 +84,9 @@ impl Conn {
 
     /// Resets both sides.
     pub(super) fn abort(&mut self, ctx: &mut Ctx<'_>) -> Alive {
-        self.send_rst(ctx);
+        if !self.peer_done {
+            self.send_rst(ctx);
+        }
         ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
         Alive::No
     }
@@ -96,6 +98,7 @@ impl Conn {
             State::SynSent { .. } => self.syn_due,
             State::SynReceived => self.syn_ack_due,
             State::TimeWait { .. } => self.ack_due,
+            State::Open if self.peer_done => false,
             State::Open => {
                 self.ack_due || self.retransmit_one || self.sendable() > 0 || self.fin_ready()
             }
@@ -158,6 +161,7 @@ impl Conn {
                 let segment = self.header(ctx.settings, self.snd_nxt);
                 packet::build_tcp(ctx.remote, ctx.peer, &segment)
             }
+            State::Open if self.peer_done => None,
             State::Open => self.poll_open(now, ctx),
         }
     }
