@@ -9,10 +9,12 @@
 #   wgsdemo-peer  a real WireGuard peer: wireguard-go, configured with `wg`,
 #                 whose default routes (v4 and v6) go into the tunnel
 #   wgsdemo-gw    wgslirpy, running as the unprivileged user `nobody`
-#   wgsdemo-net   "the internet": a UDP echo server on 198.18.1.2 and fd00:1::2
+#   wgsdemo-net   "the internet": a web server and a UDP echo server on
+#                 198.18.1.2 and fd00:1::2, known to the gateway as www.test
 #
-# The peer then handshakes, pings the gateway's pingable addresses, and
-# reaches the echo server through the gateway. No traffic leaves this machine.
+# The peer then handshakes, pings the gateway and the internet, looks up
+# www.test through the gateway's DNS server, downloads a page over TCP, and
+# exchanges UDP with the echo server. No traffic leaves this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,8 +74,10 @@ in_ns "$NET" ip addr add fd00:1::2/64 dev wgsd-n nodad
 in_ns "$NET" ip link set wgsd-n up
 # The gateway gets its own resolver files, so nothing here uses the host's.
 mkdir -p "/etc/netns/$GW"
-echo "198.18.1.2 echo.test" > "/etc/netns/$GW/hosts"
+printf '198.18.1.2 www.test\nfd00:1::2 www.test\n' > "/etc/netns/$GW/hosts"
 echo "nameserver 198.18.1.2" > "/etc/netns/$GW/resolv.conf"
+# Let the unprivileged gateway open ping sockets, to forward the peer's pings.
+in_ns "$GW" sysctl -qw net.ipv4.ping_group_range="0 2147483647"
 
 step "Generating keys"
 "$WORK/wgslirpy" genkey > "$WORK/gw.key"
@@ -84,7 +88,12 @@ chmod 644 "$WORK/gw.key"   # readable by `nobody`, who runs the gateway
 echo "gateway public key: $GW_PUB"
 echo "peer public key:    $PEER_PUB"
 
-step "Starting the UDP echo server in $NET"
+step "Starting a web server and a UDP echo server in $NET"
+mkdir -p "$WORK/www"
+echo "Hello from the internet namespace, through wgslirpy." > "$WORK/www/index.html"
+ip netns exec "$NET" python3 -m http.server --bind :: --directory "$WORK/www" 80 \
+  >"$WORK/http.log" 2>&1 &
+PIDS+=($!)
 ip netns exec "$NET" python3 -c '
 import socket, select
 socks = []
@@ -99,7 +108,7 @@ PIDS+=($!)
 step "Starting wgslirpy in $GW as user nobody"
 ip netns exec "$GW" setpriv --reuid=nobody --regid=nogroup --clear-groups \
   "$WORK/wgslirpy" -f "$WORK/gw.key" -K "$PEER_PUB" \
-  -b 198.18.0.2:51821 -P 10.0.2.1 -P fd00::1 &
+  -b 198.18.0.2:51821 -P 10.0.2.1 -P fd00::1 -D 10.0.2.1:53 &
 PIDS+=($!)
 
 step "Starting the wireguard-go peer in $PEER"
@@ -120,6 +129,18 @@ in_ns "$PEER" ping -6 -c 3 -W 2 fd00::1
 
 step "The peer's view of the tunnel"
 in_ns "$PEER" wg show "$WG_DEV"
+
+step "Pinging the internet namespace through the gateway"
+in_ns "$PEER" ping -c 2 -W 2 198.18.1.2
+in_ns "$PEER" ping -6 -c 2 -W 2 fd00:1::2
+
+step "Looking up www.test through the gateway's DNS server (-D)"
+in_ns "$PEER" dig +short @10.0.2.1 www.test A
+in_ns "$PEER" dig +short @10.0.2.1 www.test AAAA
+
+step "Downloading a page over TCP, IPv4 and IPv6"
+in_ns "$PEER" curl -sS --max-time 10 http://198.18.1.2/
+in_ns "$PEER" curl -sS -g --max-time 10 'http://[fd00:1::2]/'
 
 step "UDP through the gateway to the echo server in $NET"
 for server in 198.18.1.2 '[fd00:1::2]'; do

@@ -164,7 +164,7 @@ pub struct GatewayArgs {
     )]
     bind_ip_port: Option<SocketAddr>,
 
-    /// Serve DNS over UDP at this address within the WireGuard network: A and AAAA from the
+    /// Serve DNS over UDP and TCP at this address within the WireGuard network: A and AAAA from the
     /// host's resolver (so /etc/hosts applies), other types forwarded to the nameservers of
     /// /etc/resolv.conf (NOTIMP if it names none).
     #[arg(short = 'D', long, value_name = "IP:PORT")]

@@ -412,3 +412,32 @@ fn dns_notimp_without_nameserver_over_ipv6() {
         "no startup warning: {log}"
     );
 }
+
+/// DNS over TCP on the same address: `dig +tcp` gets answers from the hosts file and
+/// forwarded ones, and a `+tcp` query keeps working after the UDP ones.
+#[test]
+fn dns_over_tcp_answers_local_and_forwarded_queries() {
+    let Some(mut rig) = builder("dns_over_tcp", dns_v4()).start() else {
+        return;
+    };
+    start_nameserver(&mut rig);
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    let server = dns_v4();
+    for _ in 0..2 {
+        let d = dig(&rig, server, INET_HOSTNAME, "A", &["+tcp"]);
+        assert_eq!(d.status, "NOERROR", "{}", d.output);
+        assert_eq!(d.answers, [format!("IN A {INET_V4}")], "{}", d.output);
+        assert!(
+            d.output.stdout.contains("(TCP)"),
+            "not over TCP: {}",
+            d.output
+        );
+    }
+    let d = dig(&rig, server, INET_HOSTNAME, "AAAA", &["+tcp"]);
+    assert_eq!(d.answers, [format!("IN AAAA {INET_V6}")], "{}", d.output);
+    let d = dig(&rig, server, "nonexistent.test", "A", &["+tcp"]);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+    let d = dig(&rig, server, "mail.test", "MX", &["+tcp"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.answers, ["IN MX 10 mx.mail.test."], "{}", d.output);
+}

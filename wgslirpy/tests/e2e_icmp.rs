@@ -59,3 +59,31 @@ fn ping_without_any_icmp_socket_explains_the_fix() {
     assert_eq!(log.matches("ping_group_range").count(), 1, "{log}");
     rig.assert_ping(PINGABLE_V4.into(), 2);
 }
+
+/// Three `ping` processes on the peer at once, each with its own identifier: each gets
+/// all of its own replies.
+#[test]
+fn three_concurrent_pings_each_get_their_own_replies() {
+    let Some(rig) = Rig::builder("ping_three").start() else {
+        return;
+    };
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    for addr in [INET_V4.to_string(), INET_V6.to_string()] {
+        let script = format!(
+            "for i in 1 2 3; do ping -n -c 5 -i 0.2 -W 2 {addr} > /tmp/ping-$$-$i & done; wait; \
+             cat /tmp/ping-$$-*; rm -f /tmp/ping-$$-*"
+        );
+        let out = rig
+            .peer
+            .run_timeout(&["sh", "-c", &script], Duration::from_secs(20));
+        let complete = out
+            .stdout
+            .matches("5 packets transmitted, 5 received")
+            .count();
+        assert_eq!(complete, 3, "{addr}: {out:?}");
+        assert!(
+            !out.stdout.contains("DUP") && !out.stdout.contains("wrong"),
+            "{out:?}"
+        );
+    }
+}

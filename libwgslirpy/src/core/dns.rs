@@ -39,10 +39,9 @@
 //!   fit keeps the records that do and sets TC; an upstream answer that does
 //!   not fit is cut to its header and question, with TC set, so the client
 //!   retries over TCP.
-//! - **Transport.** [`DnsClient`] says where an answer goes. Only UDP exists
-//!   now. DNS over TCP plugs in here: the TCP code hands each length-prefixed
-//!   message to [`DnsServer::query`] with a new `DnsClient` variant naming
-//!   its flow and a limit of 65535 bytes, and writes the answers back.
+//! - **Transport.** [`DnsClient`] says where an answer goes: a UDP datagram,
+//!   or a TCP connection to the same address, which [`super::dns_tcp`]
+//!   serves with length-prefixed messages and a limit of 65535 bytes.
 //! - **Not done:** caching (the host's resolver may cache), SOA records for
 //!   negative answers, DNSSEC (the DO bit is not honoured by local answers),
 //!   EDNS version negotiation (BADVERS) for local answers, and PTR answers
@@ -106,6 +105,11 @@ pub enum DnsClient {
     Udp {
         /// The peer-side endpoint that asked.
         peer: SocketAddr,
+    },
+    /// A message on the TCP connection `flow` to the server's address.
+    Tcp {
+        /// The connection.
+        flow: super::FlowId,
     },
 }
 
@@ -205,6 +209,13 @@ impl DnsServer {
         self.pending.len()
     }
 
+    /// Whether a query from `client` is still waiting for its answer.
+    pub fn is_waiting_for(&self, client: DnsClient) -> bool {
+        self.pending
+            .values()
+            .any(|pending| pending.client == client)
+    }
+
     /// A query `message` from `client`, whose transport carries at most
     /// `transport_max` bytes back. Returns the answer if there is one at
     /// once; otherwise the query waits for the driver, asked through
@@ -234,9 +245,13 @@ impl DnsServer {
             }
         };
         let edns = query.edns_size.is_some();
-        let client_max = query
-            .edns_size
-            .map_or(MIN_UDP_SIZE, |size| usize::from(size).max(MIN_UDP_SIZE));
+        // Over TCP only the transport limits the answer (RFC 7766 §8).
+        let client_max = match client {
+            DnsClient::Udp { .. } => query
+                .edns_size
+                .map_or(MIN_UDP_SIZE, |size| usize::from(size).max(MIN_UDP_SIZE)),
+            DnsClient::Tcp { .. } => usize::from(u16::MAX),
+        };
         let max_len = client_max.min(transport_max);
         let reply = |code: u8| {
             build_answer(

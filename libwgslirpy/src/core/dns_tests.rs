@@ -467,3 +467,138 @@ fn ipv6_server_answers_within_the_v6_mtu() {
     assert!(packet.has_flags(PacketFlag::TRUNCATION));
     assert_eq!(packet.answers.len(), (1420 - 48 - 12 - 15 - 11) / 28);
 }
+
+/// DNS over TCP to the server's address: the connection is answered by the
+/// router itself (no host connect), two queries in one segment are both
+/// answered, framed, and the peer's FIN gets ours once all is answered.
+#[test]
+fn dns_over_tcp_is_served_by_the_router() {
+    use crate::core::packet::TcpSegment;
+
+    let mut router = Router::new(&config());
+    let now = Instant::now();
+    let (peer, server) = (sa(PEER), sa(DNS));
+    let segment = |router: &mut Router, segment: TcpSegment<'_>| {
+        router.handle_packet(now, &packet::build_tcp(peer, server, &segment).unwrap());
+    };
+    /// A segment to the peer: sequence number, ACK, SYN, FIN, payload.
+    type Seg = (u32, Option<u32>, bool, bool, Vec<u8>);
+    let segments = |router: &mut Router| -> Vec<Seg> {
+        std::iter::from_fn(|| router.poll_transmit())
+            .map(|p| match packet::parse(&p) {
+                Ok(packet::Parsed::Tcp { src, dst, segment }) => {
+                    assert_eq!((src, dst), (server, peer));
+                    (
+                        segment.seq,
+                        segment.ack,
+                        segment.syn,
+                        segment.fin,
+                        segment.payload.to_vec(),
+                    )
+                }
+                other => panic!("not TCP: {other:?}"),
+            })
+            .collect()
+    };
+
+    segment(
+        &mut router,
+        TcpSegment {
+            seq: 1000,
+            syn: true,
+            window: 65535,
+            ..TcpSegment::default()
+        },
+    );
+    assert!(
+        actions(&mut router).is_empty(),
+        "no host socket for the DNS server"
+    );
+    let syn_ack = segments(&mut router);
+    let [(server_isn, Some(1001), true, false, _)] = syn_ack[..] else {
+        panic!("no SYN-ACK: {syn_ack:?}");
+    };
+    let mut ack = server_isn.wrapping_add(1);
+    segment(
+        &mut router,
+        TcpSegment {
+            seq: 1001,
+            ack: Some(ack),
+            window: 65535,
+            ..TcpSegment::default()
+        },
+    );
+
+    // Two queries in one segment: an A query (resolved by the host) and a
+    // malformed one (answered at once with FORMERR).
+    let a_query = query(7, "www.test", TYPE_A, None);
+    let bad_query = [0, 9, 0x01, 0x00, 0, 2, 0, 0, 0, 0, 0, 0];
+    let mut stream = Vec::new();
+    for message in [&a_query[..], &bad_query[..]] {
+        stream.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        stream.extend_from_slice(message);
+    }
+    segment(
+        &mut router,
+        TcpSegment {
+            seq: 1001,
+            ack: Some(ack),
+            window: 65535,
+            payload: &stream,
+            ..TcpSegment::default()
+        },
+    );
+    let query_id = match actions(&mut router).as_slice() {
+        [SocketAction::DnsResolve { query, name }] if name == "www.test" => *query,
+        other => panic!("wanted one resolve, got {other:?}"),
+    };
+    let mut received: Vec<u8> = segments(&mut router)
+        .into_iter()
+        .flat_map(|s| s.4)
+        .collect();
+    ack = ack.wrapping_add(received.len() as u32);
+
+    // The peer is done sending; the answer to the A query is still owed.
+    let fin_seq = 1001 + stream.len() as u32;
+    segment(
+        &mut router,
+        TcpSegment {
+            seq: fin_seq,
+            ack: Some(ack),
+            fin: true,
+            window: 65535,
+            ..TcpSegment::default()
+        },
+    );
+    // The driver drains actions after every input; the router keeps those
+    // of DNS-over-TCP connections to itself.
+    assert!(actions(&mut router).is_empty());
+    assert!(
+        !segments(&mut router).iter().any(|s| s.3),
+        "FIN before every answer"
+    );
+
+    router.handle_dns_result(now, query_id, both_families());
+    assert!(actions(&mut router).is_empty());
+    let tail = segments(&mut router);
+    // Our FIN follows the last answer, here in the same segment.
+    assert!(
+        tail.last().is_some_and(|s| s.3),
+        "no FIN after the last answer: {tail:?}"
+    );
+    received.extend(tail.into_iter().flat_map(|s| s.4));
+
+    // Both answers, framed, in the order they were ready.
+    let mut messages = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        messages.push(rest[2..2 + len].to_vec());
+        rest = &rest[2 + len..];
+    }
+    assert!(rest.is_empty());
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0][..2], [0, 9], "FORMERR first");
+    let answer = check_answer(&messages[1], &a_query, RCODE::NoError);
+    assert_eq!(addresses(&answer).len(), 2);
+}

@@ -37,6 +37,7 @@
 //! - everything else is counted and dropped.
 
 pub mod dns;
+pub mod dns_tcp;
 pub mod flows;
 pub mod forward;
 pub mod fragment;
@@ -310,6 +311,7 @@ pub struct Router {
     pingable: Vec<IpAddr>,
     udp: udp::UdpNat,
     dns: Option<dns::DnsServer>,
+    dns_tcp: dns_tcp::DnsTcp,
     echo: icmp::EchoNat,
     reverse_udp: forward::ReverseUdp,
     reverse_tcp: forward::ReverseTcp,
@@ -345,6 +347,7 @@ impl Router {
             dns: config
                 .dns
                 .map(|addr| dns::DnsServer::new(addr, config.dns_timeout, config.max_dns_queries)),
+            dns_tcp: dns_tcp::DnsTcp::default(),
             echo: icmp::EchoNat::new(config.max_icmp_ids, config.icmp_idle_timeout),
             reverse_udp: forward::ReverseUdp::new(
                 config.incoming_udp.clone(),
@@ -437,8 +440,10 @@ impl Router {
                 }
             }
             Parsed::Tcp { src, dst, segment } => {
-                // Only a SYN can open a connection, so only a SYN asks the policy.
-                let connect_to = if segment.syn && segment.ack.is_none() {
+                // Only a SYN can open a connection, so only a SYN asks the
+                // policy; the DNS server's own address is always open.
+                let to_dns = self.dns.as_ref().is_some_and(|dns| dns.addr() == dst);
+                let connect_to = if segment.syn && segment.ack.is_none() && !to_dns {
                     self.policy_admits(dst.ip(), Some(dst.port()))
                         .then(|| SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port()))
                 } else {
@@ -562,7 +567,8 @@ impl Router {
     /// The driver's result for DNS `query`, asked for with
     /// [`SocketAction::DnsResolve`] or [`SocketAction::DnsForward`]. A result
     /// for a query that has timed out is ignored.
-    pub fn handle_dns_result(&mut self, _now: Instant, query: DnsQueryId, outcome: DnsOutcome) {
+    pub fn handle_dns_result(&mut self, now: Instant, query: DnsQueryId, outcome: DnsOutcome) {
+        self.now = Some(now);
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
@@ -726,7 +732,90 @@ impl Router {
 
     /// The next action on a host socket.
     pub fn poll_socket_action(&mut self) -> Option<SocketAction> {
-        self.actions.pop_front()
+        while let Some(action) = self.actions.pop_front() {
+            if let Some(action) = self.serve_locally(action) {
+                return Some(action);
+            }
+        }
+        None
+    }
+
+    /// Carries out the TCP actions of DNS-over-TCP connections here, since
+    /// their "socket" is the router's own DNS server ([`dns_tcp`]). Returns
+    /// every other action, for the driver.
+    fn serve_locally(&mut self, action: SocketAction) -> Option<SocketAction> {
+        let Some(now) = self.now else {
+            return Some(action);
+        };
+        match action {
+            SocketAction::TcpConnect { flow, dest }
+                if self.dns.as_ref().is_some_and(|dns| dns.addr() == dest) =>
+            {
+                self.dns_tcp.open(flow);
+                self.handle_tcp_connected(now, flow);
+            }
+            SocketAction::TcpWrite { flow, data } if self.dns_tcp.serves(flow) => {
+                self.dns_tcp.input(flow, &data);
+                self.pump_dns_tcp(now, flow);
+            }
+            SocketAction::TcpRead { flow, max } if self.dns_tcp.serves(flow) => {
+                self.dns_tcp.credit(flow, max);
+                self.pump_dns_tcp(now, flow);
+            }
+            SocketAction::TcpShutdownWrite { flow } if self.dns_tcp.serves(flow) => {
+                self.dns_tcp.peer_done(flow);
+                self.pump_dns_tcp(now, flow);
+            }
+            SocketAction::TcpClose { flow } | SocketAction::TcpAbort { flow }
+                if self.dns_tcp.serves(flow) =>
+            {
+                self.dns_tcp.close(flow);
+            }
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Moves a DNS-over-TCP connection on: queries to the DNS server,
+    /// answers to the peer as far as TCP's credit goes, and our FIN once
+    /// everything is answered after the peer's.
+    fn pump_dns_tcp(&mut self, now: Instant, flow: FlowId) {
+        let client = dns::DnsClient::Tcp { flow };
+        loop {
+            let step = self.dns_tcp.step(flow);
+            if step.consumed == 0 && step.data.is_empty() {
+                break;
+            }
+            for query in &step.queries {
+                let Some(dns) = self.dns.as_mut() else {
+                    return;
+                };
+                let answer = dns.query(
+                    now,
+                    client,
+                    query,
+                    usize::from(u16::MAX),
+                    &mut self.actions,
+                    &mut self.stats,
+                );
+                if let Some(message) = answer {
+                    self.dns_tcp.answer(flow, &message);
+                }
+            }
+            if step.consumed > 0 {
+                self.handle_tcp_written(now, flow, step.consumed);
+            }
+            if !step.data.is_empty() {
+                self.handle_tcp_data(now, flow, &step.data);
+            }
+        }
+        let waiting = self
+            .dns
+            .as_ref()
+            .is_some_and(|dns| dns.is_waiting_for(client));
+        if self.dns_tcp.should_close(flow, waiting) {
+            self.handle_tcp_eof(now, flow);
+        }
     }
 
     /// When [`Router::handle_timeout`] should next be called.
@@ -772,6 +861,12 @@ impl Router {
             dns::DnsClient::Udp { peer } => {
                 if let Some(reply) = packet::build_udp(server, peer, &answer.message) {
                     self.transmit(reply);
+                }
+            }
+            dns::DnsClient::Tcp { flow } => {
+                self.dns_tcp.answer(flow, &answer.message);
+                if let Some(now) = self.now {
+                    self.pump_dns_tcp(now, flow);
                 }
             }
         }

@@ -7,14 +7,13 @@
 //! not allowed, raw sockets are used if the process may open them (root or
 //! CAP_NET_RAW); each raw socket then uses an identifier of its own and
 //! filters the replies, since it sees every ICMP message to the host. When
-//! neither works, opening fails, the router forgets the identity, and a
-//! warning (once) says how to enable ping sockets.
+//! neither works, opening fails and the router forgets the identity; a
+//! warning at startup says how to enable ping sockets.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use smoltcp::phy::ChecksumCapabilities;
@@ -61,42 +60,41 @@ impl Drop for EchoSocket {
 pub(super) struct EchoSockets {
     sockets: HashMap<FlowId, EchoSocket>,
     events: mpsc::Sender<HostEvent>,
-    warned: AtomicBool,
 }
 
 impl EchoSockets {
+    /// The socket table. Checks at once which kind of ICMP socket this
+    /// process may open, and warns if neither, saying how to fix it.
     pub(super) fn new(events: mpsc::Sender<HostEvent>) -> Self {
+        match open_any(false) {
+            Ok((_, Kind::Ping)) => tracing::debug!("pings are forwarded through ping sockets"),
+            Ok((_, Kind::Raw { .. })) => {
+                tracing::info!(
+                    "ping sockets are not allowed; pings are forwarded through raw sockets"
+                )
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot open an ICMP socket, so pings through the gateway go unanswered; \
+                 allow ping sockets with `sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`"
+            ),
+        }
         EchoSockets {
             sockets: HashMap::new(),
             events,
-            warned: AtomicBool::new(false),
         }
     }
 
     /// Opens the socket of `flow` and starts its reader.
     pub(super) fn open(&mut self, flow: FlowId, ipv6: bool) -> io::Result<()> {
-        let (socket, kind) = match open_socket(ipv6, Type::DGRAM) {
-            Ok(socket) => (socket, Kind::Ping),
-            Err(ping_error) => match open_socket(ipv6, Type::RAW) {
-                Ok(socket) => (
-                    socket,
-                    Kind::Raw {
-                        // Distinct per open socket, which is all that matters.
-                        ident: flow.0 as u16,
-                    },
-                ),
-                Err(_) => {
-                    if !self.warned.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            error = %ping_error,
-                            "cannot open an ICMP socket, so pings through the gateway are \
-                             dropped; allow ping sockets with \
-                             `sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`"
-                        );
-                    }
-                    return Err(ping_error);
-                }
+        let (socket, kind) = open_any(ipv6)?;
+        // Raw sockets need an identifier of their own: the flow's is
+        // distinct among open sockets, which is all that matters.
+        let kind = match kind {
+            Kind::Raw { .. } => Kind::Raw {
+                ident: flow.0 as u16,
             },
+            ping => ping,
         };
         let socket = Arc::new(socket);
         let reader = tokio::spawn(read_replies(
@@ -141,6 +139,18 @@ impl EchoSockets {
     /// Closes the socket of `flow`.
     pub(super) fn close(&mut self, flow: FlowId) {
         self.sockets.remove(&flow);
+    }
+}
+
+/// A ping socket if allowed, else a raw socket (with identifier 0, for the
+/// caller to replace). The error is the ping socket's, which names the
+/// usual fix.
+fn open_any(ipv6: bool) -> io::Result<(UdpSocket, Kind)> {
+    match open_socket(ipv6, Type::DGRAM) {
+        Ok(socket) => Ok((socket, Kind::Ping)),
+        Err(ping_error) => open_socket(ipv6, Type::RAW)
+            .map(|socket| (socket, Kind::Raw { ident: 0 }))
+            .map_err(|_| ping_error),
     }
 }
 

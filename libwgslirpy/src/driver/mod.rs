@@ -239,6 +239,7 @@ impl Driver {
                 biased;
                 () = &mut shutdown => {
                     tracing::info!(stats = ?self.router.stats(), "shutting down");
+                    self.tunnel.close().await;
                     return Ok(());
                 }
                 packet = self.tunnel.incoming.recv() => {

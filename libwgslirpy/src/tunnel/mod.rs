@@ -42,6 +42,18 @@ pub struct TunnelHandle {
     _running: Running,
 }
 
+impl TunnelHandle {
+    /// Stops the transport before its channels close, so that it ends
+    /// cleanly instead of reporting a vanished router. Dropping the handle
+    /// also stops it, but without waiting.
+    pub async fn close(self) {
+        match self._running {
+            Running::WireGuard(running) => running.stop().await,
+            Running::RawIp(_) => {}
+        }
+    }
+}
+
 /// What keeps a transport alive.
 #[cfg_attr(not(test), expect(dead_code, reason = "held only to be dropped"))]
 enum Running {

@@ -80,6 +80,16 @@ pub(super) struct Running {
     _uapi: Option<super::uapi::UapiSocket>,
 }
 
+impl Running {
+    /// Stops the device and waits until it has stopped.
+    pub(super) async fn stop(mut self) {
+        self._handshakes.shutdown().await;
+        if let Some(device) = Arc::into_inner(self._device) {
+            device.stop().await;
+        }
+    }
+}
+
 /// Starts the WireGuard transport: builds a gotatun device with `key` and
 /// `peers`, bound to `config.bind`, and starts handshakes with every peer
 /// that has an endpoint.
