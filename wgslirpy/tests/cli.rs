@@ -136,6 +136,27 @@ fn startup_error_forward_port_in_use() {
     drop(taken);
 }
 
+#[test]
+fn startup_error_tcp_forward_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on a test socket");
+    let addr = taken.local_addr().unwrap().to_string();
+    let forward = format!("{addr},,10.0.2.15:80");
+    assert_startup_error(
+        &[
+            "-k",
+            GW_PRIVATE,
+            "-K",
+            PEER_PUBLIC,
+            "-b",
+            "127.0.0.1:0",
+            "-t",
+            &forward,
+        ],
+        &[&addr, "-t", "in use"],
+    );
+    drop(taken);
+}
+
 /// Runs wgslirpy with `args` and `stdin`, returning (exit code, stdout, stderr).
 fn run_with_stdin(args: &[&str], stdin: &str) -> (Option<i32>, String, String) {
     let mut child = wgslirpy()

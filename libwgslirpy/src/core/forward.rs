@@ -1,7 +1,7 @@
-//! Reverse UDP forwarding (`-u HOST,SOURCE,DEST`): host ports into the
+//! Reverse forwarding (`-u` and `-t HOST,SOURCE,DEST`): host ports into the
 //! tunnel.
 //!
-//! Theory of operation:
+//! Theory of operation, UDP ([`ReverseUdp`]):
 //! - The driver listens on each forward's HOST socket and hands every
 //!   datagram to the router with the forward's index and the host-side
 //!   sender's address.
@@ -20,6 +20,14 @@
 //!   timeout is closed.
 //! - A sender of the other IP version than DEST is dropped and counted
 //!   (without SOURCE there is no address of DEST's version to send from).
+//!
+//! TCP ([`ReverseTcp`]): the driver accepts on each `-t` HOST socket and
+//! hands the accepted socket to the router, which picks the connection's
+//! tunnel-side source here, by the same rules as UDP (SOURCE or the
+//! client's own address; the next free port, round-robin, when it is taken
+//! or SOURCE's port is 0), "taken" meaning that a TCP connection already
+//! uses that (source, DEST) pair. The connection itself is an active open
+//! in [`super::tcp`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,12 +67,51 @@ pub struct Reply {
     pub to: SocketAddr,
 }
 
+/// Round-robin choice of tunnel-side source ports.
+struct SourcePorts {
+    next_port: u16,
+}
+
+impl SourcePorts {
+    fn new() -> Self {
+        SourcePorts {
+            next_port: *EPHEMERAL_PORTS.start(),
+        }
+    }
+
+    /// `preferred` if its port is not 0 and it is not `in_use`; else the
+    /// next port of its address that is not in use, round-robin over the
+    /// ephemeral range. `None` if every one is.
+    fn pick(
+        &mut self,
+        preferred: SocketAddr,
+        in_use: impl Fn(SocketAddr) -> bool,
+    ) -> Option<SocketAddr> {
+        if preferred.port() != 0 && !in_use(preferred) {
+            return Some(preferred);
+        }
+        let span = usize::from(EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start()) + 1;
+        for _ in 0..span {
+            let candidate = SocketAddr::new(preferred.ip(), self.next_port);
+            self.next_port = if self.next_port == *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                self.next_port + 1
+            };
+            if !in_use(candidate) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+}
+
 /// The reverse UDP forwards and their sessions.
 pub struct ReverseUdp {
     forwards: Vec<Forward>,
     sessions: FlowTable<SessionKey, Session>,
     by_tunnel_source: HashMap<SocketAddr, FlowId>,
-    next_port: u16,
+    ports: SourcePorts,
 }
 
 impl ReverseUdp {
@@ -75,7 +122,7 @@ impl ReverseUdp {
             forwards,
             sessions: FlowTable::new(max_sessions, idle_timeout),
             by_tunnel_source: HashMap::new(),
-            next_port: *EPHEMERAL_PORTS.start(),
+            ports: SourcePorts::new(),
         }
     }
 
@@ -147,22 +194,44 @@ impl ReverseUdp {
     /// `preferred` if no session uses it and its port is not 0; else the
     /// next free port of its address, round-robin.
     fn free_source(&mut self, preferred: SocketAddr) -> Option<SocketAddr> {
-        if preferred.port() != 0 && !self.by_tunnel_source.contains_key(&preferred) {
-            return Some(preferred);
+        let taken = &self.by_tunnel_source;
+        self.ports.pick(preferred, |a| taken.contains_key(&a))
+    }
+}
+
+/// The reverse TCP forwards: where their connections go, and from where.
+pub struct ReverseTcp {
+    forwards: Vec<Forward>,
+    ports: SourcePorts,
+}
+
+impl ReverseTcp {
+    /// The `-t` forwards.
+    pub fn new(forwards: Vec<Forward>) -> Self {
+        ReverseTcp {
+            forwards,
+            ports: SourcePorts::new(),
         }
-        let span = usize::from(EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start()) + 1;
-        for _ in 0..span {
-            let candidate = SocketAddr::new(preferred.ip(), self.next_port);
-            self.next_port = if self.next_port == *EPHEMERAL_PORTS.end() {
-                *EPHEMERAL_PORTS.start()
-            } else {
-                self.next_port + 1
-            };
-            if !self.by_tunnel_source.contains_key(&candidate) {
-                return Some(candidate);
-            }
+    }
+
+    /// The tunnel-side source and the DEST of a connection from `client`,
+    /// accepted on the HOST socket of `forward`. `in_use(source, dest)`
+    /// says whether a connection already has that pair. `None` if there is
+    /// no such forward, no source of DEST's IP version, or no free port.
+    pub fn endpoints(
+        &mut self,
+        forward: usize,
+        client: SocketAddr,
+        in_use: impl Fn(SocketAddr, SocketAddr) -> bool,
+    ) -> Option<Outbound> {
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+        let Forward { source, dest, .. } = *self.forwards.get(forward)?;
+        let preferred = source.unwrap_or(client);
+        if preferred.is_ipv6() != dest.is_ipv6() {
+            return None;
         }
-        None
+        let source = self.ports.pick(preferred, |s| in_use(s, dest))?;
+        Some(Outbound { source, dest })
     }
 }
 

@@ -8,7 +8,8 @@
 //! Methods fall into groups:
 //! - **inputs**, `handle_*`: a packet from a peer
 //!   ([`Router::handle_packet`]), an event from a host socket
-//!   ([`Router::handle_udp_datagram`], [`Router::handle_udp_failed`]), the
+//!   ([`Router::handle_udp_datagram`], [`Router::handle_udp_failed`],
+//!   [`Router::handle_tcp_accepted`], ...), the
 //!   result of a DNS lookup ([`Router::handle_dns_result`]), or a timer
 //!   firing ([`Router::handle_timeout`]);
 //! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
@@ -31,7 +32,8 @@
 //! - IP fragments: the peer's are reassembled, and packets for the peer
 //!   over the MTU are fragmented ([`fragment`]);
 //! - the access policy, asked before any new traffic leaves ([`policy`]);
-//! - reverse UDP forwards from host ports into the tunnel ([`forward`]);
+//! - reverse UDP and TCP forwards from host ports into the tunnel
+//!   ([`forward`], [`tcp`]);
 //! - everything else is counted and dropped.
 
 pub mod dns;
@@ -280,6 +282,17 @@ pub struct Stats {
     pub forward_datagrams_out: u64,
     /// Datagrams on reverse UDP forwards that could not be carried.
     pub dropped_forward: u64,
+    /// Connections accepted on reverse TCP forwards and opened toward the
+    /// peer.
+    pub tcp_forward_accepted: u64,
+    /// Connections accepted on reverse TCP forwards and aborted at once: no
+    /// tunnel-side source of DEST's IP version, or no free port.
+    pub tcp_forward_dropped: u64,
+    /// Reverse TCP connections that DEST refused (RST).
+    pub tcp_forward_refused: u64,
+    /// Reverse TCP connections that DEST did not answer within
+    /// `--tcp-connect-timeout`.
+    pub tcp_forward_timeouts: u64,
     /// ICMP errors about UDP datagrams relayed to peers.
     pub udp_errors_relayed: u64,
     /// Packets from peers to destinations the access policy denies.
@@ -301,6 +314,7 @@ pub struct Router {
     dns_tcp: dns_tcp::DnsTcp,
     echo: icmp::EchoNat,
     reverse_udp: forward::ReverseUdp,
+    reverse_tcp: forward::ReverseTcp,
     policy: policy::Policy,
     reassembler: fragment::Reassembler,
     /// Identification of the next packet fragmented toward a peer.
@@ -340,6 +354,7 @@ impl Router {
                 config.max_udp_flows,
                 config.udp_idle_timeout,
             ),
+            reverse_tcp: forward::ReverseTcp::new(config.incoming_tcp.clone()),
             policy: policy::Policy::new(
                 &[],
                 config.allow.clone(),
@@ -561,6 +576,37 @@ impl Router {
             let server = dns.addr();
             self.transmit_dns(server, answer);
         }
+    }
+
+    /// The driver accepted a connection from the host-side client `client`
+    /// on the HOST socket of reverse TCP forward `forward` (its index in
+    /// the `-t` list). Returns the flow that now owns the socket: the
+    /// router opens a connection to DEST inside the tunnel and grants read
+    /// credit once it is established (nothing is read before). `None`
+    /// means refused (a connection limit, or no usable source address):
+    /// abort the socket, so that the client sees a RST.
+    #[must_use]
+    pub fn handle_tcp_accepted(
+        &mut self,
+        now: Instant,
+        forward: usize,
+        client: SocketAddr,
+    ) -> Option<FlowId> {
+        self.now = Some(now);
+        let tcp = &self.tcp;
+        let Some(out) = self
+            .reverse_tcp
+            .endpoints(forward, client, |source, dest| tcp.in_use(dest, source))
+        else {
+            tracing::debug!(forward, %client, "reverse TCP connection refused: no source address");
+            self.stats.tcp_forward_dropped += 1;
+            return None;
+        };
+        let flow = self
+            .tcp
+            .active_open(now, out.dest, out.source, &mut self.stats);
+        self.flush_tcp();
+        flow
     }
 
     /// The host connect of TCP `flow` succeeded.

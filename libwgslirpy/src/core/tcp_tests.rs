@@ -1013,3 +1013,302 @@ fn host_address_connects_to_the_hosts_loopback() {
     let syn_ack = h.segs().pop().expect("SYN-ACK");
     assert!(syn_ack.syn);
 }
+
+// ---- reverse forwards (`-t`): active open toward the peer -------------------
+
+/// DEST inside the tunnel, and the forward's SOURCE.
+const DEST: &str = "10.0.2.15:80";
+const SOURCE: &str = "10.0.2.1:5000";
+/// A host-side client.
+const CLIENT: &str = "192.0.2.9:4000";
+
+fn forward_config(forwards: &[&str]) -> Config {
+    let mut config = config();
+    config.incoming_tcp = forwards.iter().map(|f| f.parse().unwrap()).collect();
+    config
+}
+
+/// A harness whose "peer" is DEST and "remote" the tunnel-side source.
+fn reverse_harness(config: &Config, source: &str) -> Harness {
+    Harness::with_addrs(config, sa(DEST), sa(source))
+}
+
+impl Harness {
+    /// Accepts `client` on forward `forward` and returns the flow and our
+    /// SYN.
+    fn accept(&mut self, forward: usize, client: &str) -> (FlowId, Seg) {
+        let flow = self
+            .router
+            .handle_tcp_accepted(self.now, forward, sa(client))
+            .expect("accepted");
+        assert!(self.actions().is_empty(), "nothing read before the SYN-ACK");
+        let segs = self.segs();
+        let [syn] = &segs[..] else {
+            panic!("{segs:?}");
+        };
+        assert!(syn.syn && syn.ack.is_none() && !syn.rst, "{syn:?}");
+        (flow, syn.clone())
+    }
+
+    /// The peer's SYN-ACK for `syn`.
+    fn syn_ack(&mut self, syn: &Seg, wscale: Option<u8>) {
+        self.send(TcpSegment {
+            seq: PEER_ISN,
+            ack: Some(syn.seq.wrapping_add(1)),
+            syn: true,
+            window: 64240,
+            wscale,
+            mss: Some(1460),
+            ..TcpSegment::default()
+        });
+        self.seq = PEER_ISN + 1;
+        self.ack = syn.seq.wrapping_add(1);
+    }
+}
+
+/// Every packet for the peer: (source, destination, SYN, RST).
+fn sent_tcp(router: &mut Router) -> Vec<(SocketAddr, SocketAddr, bool, bool)> {
+    std::iter::from_fn(|| router.poll_transmit())
+        .map(|p| match packet::parse(&p) {
+            Ok(Parsed::Tcp { src, dst, segment }) => (src, dst, segment.syn, segment.rst),
+            other => panic!("not TCP: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn active_open_completes_and_grants_credit_only_then() {
+    let config = forward_config(&[&format!("0.0.0.0:8080,{SOURCE},{DEST}")]);
+    let mut h = reverse_harness(&config, SOURCE);
+    let (flow, syn) = h.accept(0, CLIENT);
+    assert_eq!(syn.mss, Some(1420 - 40));
+    assert_eq!(syn.wscale, Some(0), "offered, 65535-byte buffer");
+    assert_eq!(syn.window, 65535);
+    h.syn_ack(&syn, Some(7));
+    assert_eq!(
+        h.actions(),
+        vec![SocketAction::TcpRead { flow, max: 65535 }]
+    );
+    let segs = h.segs();
+    let [ack] = &segs[..] else {
+        panic!("{segs:?}");
+    };
+    assert!(!ack.syn && !ack.rst);
+    assert_eq!(ack.seq, syn.seq.wrapping_add(1));
+    assert_eq!(ack.ack, Some(PEER_ISN + 1));
+    let stats = h.router.stats();
+    assert_eq!((stats.tcp_forward_accepted, stats.tcp_established), (1, 1));
+}
+
+#[test]
+fn active_open_relays_data_both_ways_and_closes() {
+    let config = forward_config(&[&format!("0.0.0.0:8080,{SOURCE},{DEST}")]);
+    let mut h = reverse_harness(&config, SOURCE);
+    let (flow, syn) = h.accept(0, CLIENT);
+    h.syn_ack(&syn, Some(7));
+    h.actions();
+    h.segs();
+    let first = syn.seq.wrapping_add(1);
+
+    // Host to peer, in segments of our MSS (below the peer's 1460).
+    let data = pattern(5000);
+    h.router.handle_tcp_data(h.now, flow, &data);
+    let segs = h.segs();
+    let got: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, data);
+    assert!(segs.iter().all(|s| s.payload.len() <= 1380));
+    h.window = 512; // scaled by 7
+    h.send_ack(first.wrapping_add(5000), 512);
+
+    // Peer to host.
+    let reply = pattern(3000);
+    h.send_data(&reply, false);
+    assert_eq!(writes(&h.actions()), reply);
+    h.router.handle_tcp_written(h.now, flow, reply.len());
+    h.actions();
+    h.segs();
+
+    // The host closes first; then the peer.
+    h.router.handle_tcp_eof(h.now, flow);
+    let fin = h.segs().pop().expect("FIN");
+    assert!(fin.fin && fin.seq == first.wrapping_add(5000));
+    h.send_ack(first.wrapping_add(5001), 512);
+    h.send_data(b"", true);
+    let acts = h.actions();
+    assert!(
+        acts.contains(&SocketAction::TcpShutdownWrite { flow })
+            && acts.contains(&SocketAction::TcpClose { flow }),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn dest_refusing_aborts_the_host_socket() {
+    let config = forward_config(&[&format!("0.0.0.0:8080,,{DEST}")]);
+    let mut h = reverse_harness(&config, CLIENT);
+    let (flow, syn) = h.accept(0, CLIENT);
+    // A RST that does not acknowledge our SYN is ignored...
+    h.send(TcpSegment {
+        seq: 0,
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert!(h.actions().is_empty());
+    // ...one that does means refused.
+    h.send(TcpSegment {
+        seq: 0,
+        ack: Some(syn.seq.wrapping_add(1)),
+        rst: true,
+        ..TcpSegment::default()
+    });
+    assert_eq!(h.actions(), vec![SocketAction::TcpAbort { flow }]);
+    assert!(h.segs().is_empty());
+    assert_eq!(h.router.stats().tcp_forward_refused, 1);
+    assert_eq!(h.router.poll_timeout(), None, "flow gone");
+}
+
+#[test]
+fn syn_ack_for_another_syn_gets_rst_and_the_open_goes_on() {
+    let config = forward_config(&[&format!("0.0.0.0:8080,{SOURCE},{DEST}")]);
+    let mut h = reverse_harness(&config, SOURCE);
+    let (flow, syn) = h.accept(0, CLIENT);
+    h.send(TcpSegment {
+        seq: 77,
+        ack: Some(syn.seq.wrapping_add(9)),
+        syn: true,
+        window: 1000,
+        ..TcpSegment::default()
+    });
+    let segs = h.segs();
+    assert_eq!(
+        segs,
+        vec![Seg {
+            seq: syn.seq.wrapping_add(9),
+            rst: true,
+            ..Seg::default()
+        }]
+    );
+    h.syn_ack(&syn, None);
+    assert_eq!(
+        h.actions(),
+        vec![SocketAction::TcpRead { flow, max: 65535 }]
+    );
+}
+
+#[test]
+fn syn_is_retransmitted_with_backoff_then_times_out() {
+    let mut config = forward_config(&[&format!("0.0.0.0:8080,{SOURCE},{DEST}")]);
+    config.tcp_connect_timeout = Duration::from_secs(10);
+    let mut h = reverse_harness(&config, SOURCE);
+    let (flow, syn) = h.accept(0, CLIENT);
+    let mut sent_at = vec![Duration::ZERO];
+    let start = h.now;
+    for _ in 0..100 {
+        h.advance(Duration::from_millis(100));
+        for again in h.segs() {
+            assert_eq!(again, syn, "the same SYN");
+            sent_at.push(h.now - start);
+        }
+        if !h.actions().is_empty() {
+            break;
+        }
+    }
+    let secs: Vec<u64> = sent_at.iter().map(|d| d.as_millis() as u64 / 100).collect();
+    assert_eq!(secs, vec![0, 10, 30, 70], "1, 2, 4 s apart (in 100 ms)");
+    assert_eq!(h.now - start, Duration::from_secs(10));
+    let _ = flow;
+    assert_eq!(h.router.stats().tcp_forward_timeouts, 1);
+    assert_eq!(h.router.poll_timeout(), None, "flow gone");
+    // A late SYN-ACK is a stray segment: RST from its ACK.
+    h.syn_ack(&syn, None);
+    let segs = h.segs();
+    assert!(segs.len() == 1 && segs[0].rst, "{segs:?}");
+}
+
+#[test]
+fn no_answer_aborts_the_host_socket_at_the_connect_timeout() {
+    let mut config = forward_config(&[&format!("0.0.0.0:8080,{SOURCE},{DEST}")]);
+    config.tcp_connect_timeout = Duration::from_secs(3);
+    let mut h = reverse_harness(&config, SOURCE);
+    let (flow, _) = h.accept(0, CLIENT);
+    h.advance(Duration::from_millis(2999));
+    assert!(h.actions().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.actions(), vec![SocketAction::TcpAbort { flow }]);
+}
+
+#[test]
+fn source_port_0_goes_round_robin_and_skips_busy_ports() {
+    let config = forward_config(&[
+        &format!("0.0.0.0:8080,10.0.2.1:49153,{DEST}"),
+        &format!("0.0.0.0:8081,10.0.2.1:0,{DEST}"),
+    ]);
+    let mut router = Router::with_secret(&config, [7; 16]);
+    let now = Instant::now();
+    let mut open = |forward: usize, client: &str| {
+        router
+            .handle_tcp_accepted(now, forward, sa(client))
+            .expect("accepted");
+        let sent = sent_tcp(&mut router);
+        let [(src, dst, true, false)] = sent[..] else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(dst, sa(DEST));
+        src.port()
+    };
+    // Forward 0's fixed SOURCE takes 49153.
+    assert_eq!(open(0, "192.0.2.1:1"), 49153);
+    let ports: Vec<u16> = (2..5).map(|i| open(1, &format!("192.0.2.1:{i}"))).collect();
+    assert_eq!(ports, vec![49152, 49154, 49155], "49153 is busy");
+    // SOURCE's own port, while in use, is not shared either.
+    assert_eq!(open(0, "192.0.2.1:9"), 49156);
+}
+
+#[test]
+fn without_source_the_clients_address_is_used_unless_taken() {
+    let config = forward_config(&[&format!("0.0.0.0:8080,,{DEST}")]);
+    let mut router = Router::with_secret(&config, [7; 16]);
+    let now = Instant::now();
+    let mut sources = Vec::new();
+    for _ in 0..2 {
+        router
+            .handle_tcp_accepted(now, 0, sa("[::ffff:192.0.2.9]:4000"))
+            .expect("accepted");
+        let sent = sent_tcp(&mut router);
+        sources.push(sent[0].0);
+    }
+    // The same client address twice (two gateways' clients behind one
+    // NAT, say): the second gets another port of the same address.
+    assert_eq!(sources[0], sa(CLIENT));
+    assert_eq!(sources[1], sa("192.0.2.9:49152"));
+}
+
+#[test]
+fn unusable_forwards_and_the_connection_cap_refuse() {
+    let mut config =
+        forward_config(&[&format!("0.0.0.0:8080,,{DEST}"), "[::]:8081,,[fd00::15]:80"]);
+    config.max_tcp_connections = 1;
+    let mut router = Router::with_secret(&config, [7; 16]);
+    let now = Instant::now();
+    // An IPv4 client, DEST IPv6, no SOURCE: no address to send from.
+    assert_eq!(router.handle_tcp_accepted(now, 1, sa(CLIENT)), None);
+    // No such forward.
+    assert_eq!(router.handle_tcp_accepted(now, 9, sa(CLIENT)), None);
+    assert_eq!(router.stats().tcp_forward_dropped, 2);
+    assert!(router.handle_tcp_accepted(now, 0, sa(CLIENT)).is_some());
+    assert_eq!(router.handle_tcp_accepted(now, 0, sa("192.0.2.10:1")), None);
+    assert_eq!(router.stats().tcp_refused_limit, 1);
+}
+
+#[test]
+fn ipv6_active_open() {
+    let config = forward_config(&["[::]:8080,[fd00::1]:0,[fd00::15]:80"]);
+    let mut h = Harness::with_addrs(&config, sa("[fd00::15]:80"), sa("[fd00::1]:49152"));
+    let (flow, syn) = h.accept(0, "[2001:db8::7]:4000");
+    assert_eq!(syn.mss, Some(1420 - 60));
+    h.syn_ack(&syn, Some(7));
+    assert_eq!(
+        h.actions(),
+        vec![SocketAction::TcpRead { flow, max: 65535 }]
+    );
+}

@@ -1,4 +1,4 @@
-//! The HOST sockets of reverse UDP forwards (`-u`).
+//! The HOST sockets of reverse forwards: UDP (`-u`) and TCP (`-t`).
 //!
 //! Each forward's socket is bound at startup, so a port in use is an error
 //! before the gateway runs. A reader task per socket hands every datagram to
@@ -8,10 +8,11 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -123,6 +124,115 @@ async fn read_datagrams(forward: usize, socket: Arc<UdpSocket>, events: mpsc::Se
                 }
             }
             Err(error) => tracing::debug!(forward, %error, "reverse UDP receive error"),
+        }
+    }
+}
+
+/// The listening HOST sockets of reverse TCP forwards (`-t`), in the order
+/// of the `-t` list.
+///
+/// Each is bound at startup, so a port in use is an error before the
+/// gateway runs. A task per socket accepts connections and hands each to
+/// the router task, waiting when the event channel is full (the kernel's
+/// accept queue holds the rest). The router decides whether a connection is
+/// taken (`--max-tcp-connections`): if not, it is reset.
+pub(super) struct TcpForwards {
+    listeners: Vec<TcpListener>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+impl Drop for TcpForwards {
+    fn drop(&mut self) {
+        for acceptor in &self.acceptors {
+            acceptor.abort();
+        }
+    }
+}
+
+/// Pause after an accept error (out of descriptors, say), so that a
+/// persistent one does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// At most one accept-error line per this long, per forward.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Length of each HOST socket's accept queue.
+const LISTEN_BACKLOG: i32 = 1024;
+
+impl TcpForwards {
+    /// Binds and listens on every forward's HOST address. Fails on the
+    /// first that cannot be bound, naming it.
+    pub(super) fn bind(forwards: &[Forward]) -> Result<Self, (SocketAddr, io::Error)> {
+        let listeners = forwards
+            .iter()
+            .map(|forward| listen(forward.host).map_err(|e| (forward.host, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (forward, listener) in forwards.iter().zip(&listeners) {
+            tracing::info!(
+                host = %listener.local_addr().unwrap_or(forward.host),
+                dest = %forward.dest,
+                "forwarding TCP into the tunnel"
+            );
+        }
+        Ok(TcpForwards {
+            listeners,
+            acceptors: Vec::new(),
+        })
+    }
+
+    /// Starts accepting; connections are reported to `events`.
+    pub(super) fn start(&mut self, events: &mpsc::Sender<HostEvent>) {
+        self.acceptors = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .enumerate()
+            .map(|(forward, listener)| {
+                tokio::spawn(accept_connections(forward, listener, events.clone()))
+            })
+            .collect();
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // `[::]:PORT` takes IPv4 clients too, as the user would expect.
+        socket.set_only_v6(false)?;
+    }
+    // Lets a restarted gateway listen again while old connections linger in
+    // TIME-WAIT; on Linux it never lets two sockets listen on one port.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_connections(
+    forward: usize,
+    listener: TcpListener,
+    events: mpsc::Sender<HostEvent>,
+) {
+    let mut last_log: Option<Instant> = None;
+    let mut errors = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                let event = HostEvent::TcpAccepted {
+                    forward,
+                    stream,
+                    client,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                errors += 1;
+                if last_log.is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL) {
+                    tracing::warn!(forward, %error, errors, "cannot accept on a -t HOST socket");
+                    last_log = Some(Instant::now());
+                    errors = 0;
+                }
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
         }
     }
 }

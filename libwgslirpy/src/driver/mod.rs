@@ -22,6 +22,11 @@
 //! to send), so TCP toward the peers is paced by the tunnel, not dropped.
 //! Events are taken in batches, like tunnel packets, so neither side starves
 //! the other.
+//!
+//! Reverse forwards ([`forward`]) listen on their HOST sockets from startup:
+//! `-u` datagrams and `-t` accepted connections reach the router as events
+//! too; an accepted connection the router takes becomes a TCP flow like any
+//! other, and one it refuses is reset.
 
 mod dns;
 mod forward;
@@ -85,11 +90,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 source,
             }
         })?;
+    let tcp_forwards =
+        forward::TcpForwards::bind(&config.incoming_tcp).map_err(|(addr, source)| {
+            RunError::ForwardBind {
+                flag: "-t",
+                addr,
+                source,
+            }
+        })?;
     let tunnel = tunnel::start(&config).await?;
     tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
     // After the bind, so that a startup error stays the only line printed.
     raise_fd_limit();
-    Driver::new(&config, tunnel, udp_forwards)
+    Driver::new(&config, tunnel, udp_forwards, tcp_forwards)
         .run(shutdown)
         .await
 }
@@ -151,6 +164,12 @@ enum HostEvent {
         dest: std::net::SocketAddr,
         why: crate::core::packet::IcmpError,
     },
+    /// A connection was accepted on a reverse TCP forward's HOST socket.
+    TcpAccepted {
+        forward: usize,
+        stream: tokio::net::TcpStream,
+        client: std::net::SocketAddr,
+    },
     /// A datagram arrived on a reverse UDP forward's HOST socket.
     ForwardDatagram {
         forward: usize,
@@ -174,13 +193,21 @@ struct Driver {
     tcp: tcp::TcpSockets,
     echo: icmp::EchoSockets,
     udp_forwards: forward::UdpForwards,
+    /// Owned only so that the accepting tasks stop with the driver.
+    _tcp_forwards: forward::TcpForwards,
     events: mpsc::Receiver<HostEvent>,
 }
 
 impl Driver {
-    fn new(config: &Config, tunnel: TunnelHandle, mut udp_forwards: forward::UdpForwards) -> Self {
+    fn new(
+        config: &Config,
+        tunnel: TunnelHandle,
+        mut udp_forwards: forward::UdpForwards,
+        mut tcp_forwards: forward::TcpForwards,
+    ) -> Self {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
         udp_forwards.start(&events_tx);
+        tcp_forwards.start(&events_tx);
         let mut router = Router::new(config);
         router.set_host_addresses(&host_addresses());
         Driver {
@@ -191,6 +218,7 @@ impl Driver {
             udp: udp::UdpSockets::new(events_tx.clone()),
             echo: icmp::EchoSockets::new(events_tx),
             udp_forwards,
+            _tcp_forwards: tcp_forwards,
             events,
         }
     }
@@ -274,6 +302,14 @@ impl Driver {
                 self.dns.finished(query);
                 self.router.handle_dns_result(now, query, outcome);
             }
+            HostEvent::TcpAccepted {
+                forward,
+                stream,
+                client,
+            } => match self.router.handle_tcp_accepted(now, forward, client) {
+                Some(flow) => self.tcp.adopt(flow, stream),
+                None => tcp::reset(stream),
+            },
             HostEvent::TcpConnected { flow } => self.router.handle_tcp_connected(now, flow),
             HostEvent::TcpConnectFailed { flow, error } => {
                 self.tcp.close(flow);

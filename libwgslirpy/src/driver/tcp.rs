@@ -112,12 +112,30 @@ impl TcpSockets {
                 return Err(kind);
             }
         };
+        self.start(flow, stream, true);
+        Ok(())
+    }
+
+    /// Takes over `stream`, accepted on a reverse forward's HOST socket, as
+    /// the socket of `flow`: nothing is read before the core grants credit.
+    pub(super) fn adopt(&mut self, flow: FlowId, stream: TcpStream) {
+        // The peer's stack already decides segment sizes and timing.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(flow = flow.0, %error, "cannot set TCP_NODELAY");
+        }
+        self.start(flow, Arc::new(stream), false);
+    }
+
+    /// Starts the task of `flow`, which first waits for the connect if
+    /// `connecting`.
+    fn start(&mut self, flow: FlowId, stream: Arc<TcpStream>, connecting: bool) {
         let shared = Arc::new(Shared::default());
         let task = tokio::spawn(run_flow(
             flow,
             stream.clone(),
             shared.clone(),
             self.events.clone(),
+            connecting,
         ));
         self.sockets.insert(
             flow,
@@ -127,7 +145,6 @@ impl TcpSockets {
                 task,
             },
         );
-        Ok(())
     }
 
     fn log_no_socket(&mut self, error: &io::Error) {
@@ -181,6 +198,12 @@ impl TcpSockets {
     }
 }
 
+/// Closes `stream` with a RST (`SO_LINGER` 0): a connection the router
+/// refused.
+pub(super) fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
 /// A non-blocking socket with its connect started.
 fn start_connect(dest: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
@@ -224,15 +247,18 @@ async fn finish_connect(stream: &TcpStream) -> io::Result<()> {
     stream.peer_addr().map(|_| ())
 }
 
-/// The life of one flow's socket: connect, then move bytes until an error,
-/// or until the router closes the flow (which aborts this task).
+/// The life of one flow's socket: connect (if `connecting`), then move
+/// bytes until an error, or until the router closes the flow (which aborts
+/// this task).
 async fn run_flow(
     flow: FlowId,
     stream: Arc<TcpStream>,
     shared: Arc<Shared>,
     events: mpsc::Sender<HostEvent>,
+    connecting: bool,
 ) {
-    if let Err(error) = finish_connect(&stream).await {
+    // A socket accepted on a reverse forward is connected already.
+    if connecting && let Err(error) = finish_connect(&stream).await {
         tracing::debug!(flow = flow.0, %error, "TCP connect failed");
         let error = classify(&error);
         let _ = events
@@ -240,7 +266,7 @@ async fn run_flow(
             .await;
         return;
     }
-    if events.send(HostEvent::TcpConnected { flow }).await.is_err() {
+    if connecting && events.send(HostEvent::TcpConnected { flow }).await.is_err() {
         return;
     }
     let mut reading = true;

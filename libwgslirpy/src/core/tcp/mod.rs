@@ -18,6 +18,11 @@
 //! connection never holds up another.
 //!
 //! **States** (in [`conn`]):
+//! - *SynSent*: only for reverse forwards (`-t`), where we open the
+//!   connection toward the peer once the driver has accepted a host-side
+//!   client: our SYN, retransmitted with backoff; the peer's RST or no
+//!   SYN-ACK within `--tcp-connect-timeout` aborts the host socket; a
+//!   SYN-ACK makes it *Open* (see `conn/active.rs`).
 //! - *Connecting*: SYN received, [`SocketAction::TcpConnect`] issued. A
 //!   retransmitted SYN does nothing; a RST from the peer closes the socket.
 //!   No answer within `--tcp-connect-timeout`: the attempt is dropped
@@ -349,6 +354,48 @@ impl Tcp {
             stats.tcp_resets_sent += 1;
             self.packets.push_back(packet);
         }
+    }
+
+    /// Whether a connection has the addresses (`peer`, `remote`).
+    pub fn in_use(&self, peer: SocketAddr, remote: SocketAddr) -> bool {
+        self.flows.lookup(&(peer, remote)).is_some()
+    }
+
+    /// Opens a connection to `peer` from `remote` for a host socket that a
+    /// reverse forward accepted (see [`conn`]'s active open): the SYN goes
+    /// out with the next [`Tcp::poll_segment`]. `None` at
+    /// `--max-tcp-connections`, or if the addresses are taken or of
+    /// different IP versions: the caller aborts the socket.
+    pub fn active_open(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        remote: SocketAddr,
+        stats: &mut Stats,
+    ) -> Option<FlowId> {
+        self.epoch.get_or_insert(now);
+        if peer.is_ipv6() != remote.is_ipv6() || self.in_use(peer, remote) {
+            stats.tcp_forward_dropped += 1;
+            return None;
+        }
+        if self.flows.is_full() {
+            stats.tcp_refused_limit += 1;
+            self.log_limit(now, "--max-tcp-connections");
+            return None;
+        }
+        let clock = now.saturating_duration_since(self.epoch.unwrap_or(now));
+        let iss = seq::isn(&self.secret, clock, remote, peer);
+        let our_mss = self.settings.mss_for(peer);
+        let conn = Conn::new_active(now, iss, our_mss, &self.settings);
+        let flow = self.flows.try_insert((peer, remote), conn, now).ok()?;
+        if let Some((_, conn)) = self.flows.get_mut(flow) {
+            conn.queued = true;
+            self.ready.push_back(flow);
+        }
+        stats.tcp_forward_accepted += 1;
+        tracing::debug!(flow = flow.0, %peer, source = %remote, "reverse TCP connection: SYN to the peer");
+        self.reindex(flow);
+        Some(flow)
     }
 
     /// The host connect of `flow` succeeded.

@@ -6,6 +6,7 @@
 //! whether the connection is still alive. A connection that returns
 //! [`Alive::No`] has already pushed whatever socket action its end needs.
 
+mod active;
 mod output;
 
 use std::collections::VecDeque;
@@ -77,6 +78,9 @@ enum State {
     /// SYN received; the host connect is pending. Only a retransmitted SYN
     /// (ignored) or a RST (ends it) mean anything.
     Connecting { since: Instant },
+    /// Active open (a reverse forward): our SYN sent or due, waiting for
+    /// the peer's SYN-ACK. No host data is read yet.
+    SynSent { since: Instant },
     /// Host connected; SYN-ACK sent or due, waiting for the peer's ACK.
     /// Host data may already be buffered, none is sent.
     SynReceived,
@@ -142,6 +146,8 @@ pub(super) struct Conn {
     /// the peer.
     peer_done: bool,
     syn_ack_due: bool,
+    /// Our SYN is due (active open only).
+    syn_due: bool,
     /// A zero-window probe is due.
     probe: bool,
 
@@ -214,6 +220,7 @@ impl Conn {
             closed_first: false,
             peer_done: false,
             syn_ack_due: false,
+            syn_due: false,
             probe: false,
             rto: Rto::new(),
             rto_at: None,
@@ -246,6 +253,10 @@ impl Conn {
     pub(super) fn deadline(&self, settings: &Settings) -> Instant {
         let idle = match self.state {
             State::Connecting { since } => return since + settings.connect_timeout,
+            State::SynSent { since } => {
+                let give_up = since + settings.connect_timeout;
+                return self.rto_at.map_or(give_up, |at| at.min(give_up));
+            }
             State::TimeWait { until } => return until,
             State::Open if self.inbound != Inbound::Open || self.host_eof => {
                 settings.idle_timeout.min(HALF_CLOSED_IDLE)
@@ -284,7 +295,7 @@ impl Conn {
         if self.host_eof
             || matches!(
                 self.state,
-                State::Connecting { .. } | State::TimeWait { .. }
+                State::Connecting { .. } | State::SynSent { .. } | State::TimeWait { .. }
             )
         {
             return;
@@ -370,6 +381,7 @@ impl Conn {
                 }
                 return Alive::Yes;
             }
+            State::SynSent { since } => return self.on_syn_sent_timer(now, since, ctx),
             State::TimeWait { until } => {
                 return if now >= until { Alive::No } else { Alive::Yes };
             }
@@ -443,6 +455,7 @@ impl Conn {
                 // still pending, nothing to say yet.
                 return Alive::Yes;
             }
+            State::SynSent { .. } => return self.on_syn_sent_segment(now, seg, ctx),
             State::TimeWait { .. } => {
                 if seg.rst {
                     return Alive::No;

@@ -95,6 +95,7 @@ impl Conn {
     pub(in crate::core::tcp) fn wants_to_send(&self) -> bool {
         match self.state {
             State::Connecting { .. } => false,
+            State::SynSent { .. } => self.syn_due,
             State::SynReceived => self.syn_ack_due,
             State::TimeWait { .. } => self.ack_due,
             State::Open if self.peer_done => false,
@@ -131,6 +132,7 @@ impl Conn {
     ) -> Option<BytesMut> {
         match self.state {
             State::Connecting { .. } => None,
+            State::SynSent { .. } => self.poll_syn(now, ctx),
             State::SynReceived => {
                 if !self.syn_ack_due {
                     return None;
