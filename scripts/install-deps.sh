@@ -8,6 +8,7 @@ packages=(
   iproute2 iputils-ping          # namespaces, veth, ping
   socat curl dnsutils iperf3     # clients and servers
   nftables python3 util-linux    # NAT baseline, test servers, setpriv
+  dnsmasq-base                   # the DNS tests' nameserver: the binary, no system service
 )
 
 missing=()

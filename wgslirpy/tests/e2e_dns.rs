@@ -1,9 +1,19 @@
 //! End-to-end tests of the DNS server at `-D`: `dig` in the peer namespace asks the gateway
 //! through the WireGuard tunnel. A and AAAA come from the gateway namespace's own resolution
-//! (its `/etc/hosts`, then its resolv.conf); other types are forwarded to a small
-//! authoritative nameserver (a python script) in the internet namespace, which the gateway's
-//! resolv.conf names. Each test builds its own rig (see `rig/mod.rs`); they need root and
-//! skip loudly without it (fail under `CI=true`).
+//! (its `/etc/hosts`, then its resolv.conf); other types are forwarded. The gateway's
+//! resolv.conf names the internet namespace, where a real DNS server answers: Debian's
+//! `dnsmasq` (package `dnsmasq-base`, see `scripts/install-deps.sh`), run in the foreground
+//! with no upstream and no hosts file, authoritative for the zone `test.` from its command
+//! line (see [`start_dnsmasq`]). Its query log shows which address each query came from.
+//!
+//! A nameserver that never answers can't be made from dnsmasq (it answers everything in its
+//! local zone, and forwarding to a dead upstream would only move the silence elsewhere), so
+//! the SERVFAIL-on-timeout test runs a minimal python UDP sink on port 53 instead
+//! ([`UDP_SINK_PY`]): it logs each datagram's sender and sends nothing back.
+//!
+//! Each test builds its own rig (see `rig/mod.rs`); they need root (and the dnsmasq tests
+//! `dnsmasq` on `PATH`) and skip loudly without it (fail under `CI=true`). All traffic stays
+//! inside the rig's namespaces.
 
 mod rig;
 
@@ -23,55 +33,24 @@ const V4_ONLY_ADDR: &str = "198.18.2.7";
 const V6_ONLY: &str = "v6only.test";
 const V6_ONLY_ADDR: &str = "fd00:2::7";
 
-/// A tiny authoritative nameserver for the zone `test.`, on UDP port 53, dual-stack. It logs
-/// `<client ip> <name> <type>` per query. Answers:
-/// - `mail.test`: MX `10 mx.mail.test.` and TXT `"hello from the test zone"`;
-/// - `dnsonly.test`: A 198.18.2.50 and AAAA fd00:2::50 (a name the hosts file lacks);
-/// - `txtonly.test`: TXT only (NOERROR with no answers for other types);
-/// - `silent.test`: never answered;
-/// - anything else: NXDOMAIN.
-///
-/// If the query has an OPT record, the answer carries one advertising 3999 bytes, so a test
-/// can tell the nameserver's EDNS from one the gateway would have made.
-const NAMESERVER_PY: &str = r#"
-import socket, struct, sys
+/// UDP size that dnsmasq advertises in its answers' OPT records (`--edns-packet-max`). The
+/// gateway's own answers advertise at most what the client offered (`dig`: 1232), and
+/// dnsmasq's default is also 1232, so seeing this value proves the answer is dnsmasq's own.
+const DNSMASQ_EDNS: u16 = 3999;
+/// TTL of dnsmasq's records (`--local-ttl`); the gateway's own answers say 60.
+const DNSMASQ_TTL: u32 = 300;
+
+/// A nameserver that never answers: dual-stack UDP port 53, logs `<client ip> <length>` per
+/// datagram and sends nothing.
+const UDP_SINK_PY: &str = r#"
+import socket
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.bind(("::", 53))
-def name_bytes(name):
-    return b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
-ZONE = {
-    ("mail.test", 15): [struct.pack("!H", 10) + name_bytes("mx.mail.test")],
-    ("mail.test", 16): [b"\x18hello from the test zone"],
-    ("dnsonly.test", 1): [socket.inet_pton(socket.AF_INET, "198.18.2.50")],
-    ("dnsonly.test", 28): [socket.inet_pton(socket.AF_INET6, "fd00:2::50")],
-    ("txtonly.test", 16): [b"\x09only text"],
-}
-NAMES = {name for name, _ in ZONE}
 while True:
     data, addr = s.recvfrom(65535)
-    try:
-        qid, flags, qd, an, ns, ar = struct.unpack("!6H", data[:12])
-        at, labels = 12, []
-        while data[at]:
-            labels.append(data[at + 1:at + 1 + data[at]].decode())
-            at += 1 + data[at]
-        qtype, qclass = struct.unpack("!HH", data[at + 1:at + 5])
-        question = data[12:at + 5]
-    except Exception as e:
-        print("bad query", e, flush=True)
-        continue
-    name = ".".join(labels).lower()
     host = addr[0][7:] if addr[0].startswith("::ffff:") else addr[0]
-    print(host, name, qtype, flush=True)
-    if name == "silent.test":
-        continue
-    records = ZONE.get((name, qtype), [])
-    rcode = 0 if name in NAMES else 3
-    body = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, 300, len(r)) + r for r in records)
-    opt = b"\0" + struct.pack("!HHIH", 41, 3999, 0, 0) if ar else b""
-    header = struct.pack("!6H", qid, 0x8400 | (flags & 0x0100) | 0x80 | rcode, 1, len(records), 0, 1 if ar else 0)
-    s.sendto(header + question + body + opt, addr)
+    print(host, len(data), flush=True)
 "#;
 
 /// What `dig` said.
@@ -171,13 +150,75 @@ fn extend_gateway_hosts(rig: &Rig) {
     rig.gw.write_etc("hosts", &hosts);
 }
 
-/// Starts the test nameserver in the internet namespace; returns its process.
-fn start_nameserver(rig: &mut Rig) -> ProcId {
-    let script = rig.dir.join("nameserver.py");
-    fs::write(&script, NAMESERVER_PY).unwrap();
+/// Starts dnsmasq in the internet namespace as the authoritative server of the zone `test.`
+/// and waits until it listens on UDP and TCP port 53 of [`INET_V4`] and [`INET_V6`]. Zone:
+/// - `mail.test`: MX `10 mx.mail.test.` and TXT `"hello from the test zone"`;
+/// - `dnsonly.test`: A 198.18.2.50 and AAAA fd00:2::50 (a name the gateway's hosts file lacks);
+/// - `txtonly.test`: TXT only (NOERROR with no answers for other types);
+/// - any other name under `test.`: NXDOMAIN.
+///
+/// `--no-daemon` keeps it in the foreground as the spawned process itself (so the rig stops it
+/// by PID), writes no PID file, keeps the user it was started as and serves TCP in that one
+/// process rather than in forked children. `--conf-file=/dev/null`, `--no-resolv` and
+/// `--no-hosts` keep the host's configuration, upstreams and `/etc/hosts` out; `--local`
+/// answers the zone without forwarding; `--log-facility=-` sends the query log to the log
+/// file. Returns its process.
+fn start_dnsmasq(rig: &mut Rig) -> ProcId {
+    let inet = rig.inet.clone();
+    let edns = format!("--edns-packet-max={DNSMASQ_EDNS}");
+    let ttl = format!("--local-ttl={DNSMASQ_TTL}");
+    let listen_v4 = format!("--listen-address={INET_V4}");
+    let listen_v6 = format!("--listen-address={INET_V6}");
+    let id = rig.spawn(
+        &inet,
+        "dnsmasq",
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            &listen_v4,
+            &listen_v6,
+            "--port=53",
+            "--local=/test/",
+            "--mx-host=mail.test,mx.mail.test,10",
+            "--txt-record=mail.test,hello from the test zone",
+            "--txt-record=txtonly.test,only text",
+            "--host-record=dnsonly.test,198.18.2.50,fd00:2::50",
+            &ttl,
+            &edns,
+            "--log-queries",
+            "--log-facility=-",
+        ],
+    );
+    rig.wait_listening(id, Proto::Udp, 53);
+    rig.wait_listening(id, Proto::TcpListen, 53);
+    id
+}
+
+/// The `(type, name, client address)` of each `query[TYPE] name from address` line of a
+/// dnsmasq log (`--log-queries`).
+fn logged_queries(log: &str) -> Vec<(&str, &str, &str)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("query[").nth(1)?;
+            let (qtype, rest) = rest.split_once("] ")?;
+            let (name, from) = rest.split_once(" from ")?;
+            Some((qtype, name, from.trim()))
+        })
+        .collect()
+}
+
+/// Starts [`UDP_SINK_PY`] in the internet namespace; returns its process.
+fn start_udp_sink(rig: &mut Rig) -> ProcId {
+    let script = rig.dir.join("udp_sink.py");
+    fs::write(&script, UDP_SINK_PY).unwrap();
     let inet = rig.inet.clone();
     let script = script.to_string_lossy().into_owned();
-    let id = rig.spawn(&inet, "nameserver", &["python3", &script]);
+    let id = rig.spawn(&inet, "udp-sink", &["python3", &script]);
     rig.wait_listening(id, Proto::Udp, 53);
     id
 }
@@ -209,10 +250,11 @@ fn dns_answers_from_hosts_file_and_forwards_other_types() {
         "dns_answers_from_hosts_file_and_forwards_other_types",
         dns_v4(),
     )
+    .needs_tool("dnsmasq")
     .start() else {
         return;
     };
-    let ns = start_nameserver(&mut rig);
+    let ns = start_dnsmasq(&mut rig);
     extend_gateway_hosts(&rig);
     rig.wait_handshake(HANDSHAKE_TIMEOUT);
     let server = dns_v4();
@@ -261,7 +303,7 @@ fn dns_answers_from_hosts_file_and_forwards_other_types() {
     // Names that exist without an address of the asked family.
     assert_dig(&rig, server, V4_ONLY, "AAAA", "NOERROR", &[]);
     assert_dig(&rig, server, V6_ONLY, "A", "NOERROR", &[]);
-    // Through the gateway's own resolver to the nameserver.
+    // Through the gateway's own resolver to dnsmasq.
     assert_dig(
         &rig,
         server,
@@ -282,7 +324,7 @@ fn dns_answers_from_hosts_file_and_forwards_other_types() {
     assert_dig(&rig, server, "missing.test", "AAAA", "NXDOMAIN", &[]);
     assert_dig(&rig, server, "txtonly.test", "A", "NOERROR", &[]);
 
-    // Other types: forwarded, relayed with the nameserver's own EDNS size (3999).
+    // Other types: forwarded, relayed unchanged: dnsmasq's own EDNS size and TTL.
     let mx = assert_dig(
         &rig,
         server,
@@ -291,13 +333,26 @@ fn dns_answers_from_hosts_file_and_forwards_other_types() {
         "NOERROR",
         &["IN MX 10 mx.mail.test."],
     );
-    assert_eq!(mx.edns_udp, Some(3999), "EDNS not relayed: {}", mx.output);
+    assert_eq!(
+        mx.edns_udp,
+        Some(DNSMASQ_EDNS),
+        "EDNS not relayed: {}",
+        mx.output
+    );
     assert!(
-        mx.output.stdout.contains("\t300\tIN\tMX"),
+        mx.output
+            .stdout
+            .contains(&format!("\t{DNSMASQ_TTL}\tIN\tMX")),
         "TTL changed: {}",
         mx.output
     );
-    assert_dig(
+    // dnsmasq is authoritative for `test.`; the gateway's own answers never say so.
+    assert!(
+        mx.flags.iter().any(|f| f == "aa"),
+        "AA flag not relayed: {}",
+        mx.output
+    );
+    let txt = assert_dig(
         &rig,
         server,
         "mail.test",
@@ -305,18 +360,38 @@ fn dns_answers_from_hosts_file_and_forwards_other_types() {
         "NOERROR",
         &["IN TXT \"hello from the test zone\""],
     );
+    assert_eq!(txt.edns_udp, Some(DNSMASQ_EDNS), "{}", txt.output);
+    assert_dig(
+        &rig,
+        server,
+        "txtonly.test",
+        "TXT",
+        "NOERROR",
+        &["IN TXT \"only text\""],
+    );
     assert_dig(&rig, server, "missing.test", "MX", "NXDOMAIN", &[]);
     // Without EDNS the answer carries none.
     let plain = dig(&rig, server, "mail.test", "MX", &["+noedns"]);
     assert_eq!(plain.edns_udp, None, "{}", plain.output);
 
-    // The nameserver saw the forwarded queries from the gateway's internet-side address,
-    // never from a tunnel address.
+    // dnsmasq saw the forwarded queries, and the gateway resolver's, all from the gateway's
+    // internet-side address, never from a tunnel address.
     let log = rig.proc(ns).log();
+    let queries = logged_queries(&log);
+    let gw = GW_INET_V4.to_string();
+    for (qtype, name) in [
+        ("MX", "mail.test"),
+        ("TXT", "mail.test"),
+        ("A", "dnsonly.test"),
+    ] {
+        assert!(
+            queries.iter().any(|q| q == &(qtype, name, gw.as_str())),
+            "no {qtype} {name} from {gw} in the dnsmasq log:\n{log}"
+        );
+    }
     assert!(
-        log.lines()
-            .any(|l| l == format!("{GW_INET_V4} mail.test 15")),
-        "nameserver log: {log}"
+        queries.iter().all(|&(_, _, from)| from == gw),
+        "a query from elsewhere than {gw}:\n{log}"
     );
     assert!(
         !log.contains(&PEER_INNER_V4.to_string()),
@@ -338,7 +413,7 @@ fn dns_servfail_on_silent_upstream_and_formerr_on_garbage() {
     .start() else {
         return;
     };
-    start_nameserver(&mut rig);
+    let sink = start_udp_sink(&mut rig);
     rig.wait_handshake(HANDSHAKE_TIMEOUT);
     let server = dns_v4();
 
@@ -349,6 +424,13 @@ fn dns_servfail_on_silent_upstream_and_formerr_on_garbage() {
             && d.output.elapsed < timeout + Duration::from_secs(2),
         "SERVFAIL after {:?}, wanted about {timeout:?}",
         d.output.elapsed
+    );
+    // The query did reach the sink, from the gateway's internet-side address.
+    let log = rig.proc(sink).log();
+    assert!(
+        log.lines()
+            .any(|l| l.split_whitespace().next() == Some(&GW_INET_V4.to_string())),
+        "sink log: {log}"
     );
 
     // A header asking one question, then a name running off the end.
@@ -417,10 +499,13 @@ fn dns_notimp_without_nameserver_over_ipv6() {
 /// forwarded ones, and a `+tcp` query keeps working after the UDP ones.
 #[test]
 fn dns_over_tcp_answers_local_and_forwarded_queries() {
-    let Some(mut rig) = builder("dns_over_tcp", dns_v4()).start() else {
+    let Some(mut rig) = builder("dns_over_tcp", dns_v4())
+        .needs_tool("dnsmasq")
+        .start()
+    else {
         return;
     };
-    start_nameserver(&mut rig);
+    start_dnsmasq(&mut rig);
     rig.wait_handshake(HANDSHAKE_TIMEOUT);
     let server = dns_v4();
     for _ in 0..2 {

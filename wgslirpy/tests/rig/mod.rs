@@ -84,7 +84,8 @@
 //! # When the machine can't run it
 //!
 //! The rig needs root, a working `ip netns`, `/dev/net/tun` and the tools `ip`, `sysctl`,
-//! `wireguard-go`, `wg`, `ping`, `python3`, `socat`, `setpriv` (and `iperf3` if asked for).
+//! `wireguard-go`, `wg`, `ping`, `python3`, `socat`, `setpriv` (and `iperf3` if asked for, and
+//! whatever a test names with [`RigBuilder::needs_tool`]).
 //! (Debian: iproute2 procps wireguard-go wireguard-tools iputils-ping python3 socat
 //! util-linux iperf3.)
 //! Without them [`RigBuilder::start`] writes one line
@@ -826,6 +827,8 @@ pub struct RigBuilder {
     servers: Vec<Server>,
     http_files: Vec<(String, Vec<u8>)>,
     start_gateway: bool,
+    /// Programs the test itself runs beyond the rig's own (see [`RigBuilder::needs_tool`]).
+    tools: Vec<String>,
 }
 
 impl RigBuilder {
@@ -930,6 +933,13 @@ impl RigBuilder {
         self.server(Server::Http)
     }
 
+    /// The test runs `program` itself (e.g. with [`Rig::spawn`]): without it on `PATH` the test
+    /// is skipped like one missing a rig tool (a failure under `CI=true`).
+    pub fn needs_tool(mut self, program: &str) -> Self {
+        self.tools.push(program.to_owned());
+        self
+    }
+
     /// Don't start the gateway; the test calls [`Rig::start_gateway`] itself (the peer is
     /// set up all the same).
     pub fn defer_gateway(mut self) -> Self {
@@ -944,8 +954,20 @@ impl RigBuilder {
             skip_or_fail(&self.test, reason);
             return None;
         }
+        let mut missing: Vec<&str> = self
+            .tools
+            .iter()
+            .map(String::as_str)
+            .filter(|t| which(t).is_none())
+            .collect();
         if self.servers.contains(&Server::Iperf3) && which("iperf3").is_none() {
-            skip_or_fail(&self.test, "missing tools: iperf3");
+            missing.push("iperf3");
+        }
+        if !missing.is_empty() {
+            skip_or_fail(
+                &self.test,
+                &format!("missing tools: {}", missing.join(", ")),
+            );
             return None;
         }
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -1134,6 +1156,7 @@ impl Rig {
             servers: Vec::new(),
             http_files: Vec::new(),
             start_gateway: true,
+            tools: Vec::new(),
         }
     }
 
