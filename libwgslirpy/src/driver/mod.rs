@@ -5,8 +5,9 @@
 //! shutdown. After each wake-up it feeds the input to the router with the
 //! current time, then carries out every output: socket actions first (so a
 //! UDP send finds the socket opened just before it), then packets for the
-//! tunnel. Nothing in this loop waits on a full queue: packets for a full
-//! tunnel queue are dropped, as a TUN device would drop them.
+//! tunnel. Nothing in this loop waits on a full queue: packets that the
+//! tunnel cannot take yet stay in the router's bounded transmit queue, which
+//! drops and counts what does not fit, as a TUN device would.
 //!
 //! Host sockets live here, keyed by the router's [`FlowId`]s. Each UDP socket
 //! has a reader task that turns datagrams into [`HostEvent`]s on a bounded
@@ -408,29 +409,14 @@ impl Driver {
 /// Raises the soft limit on open files to the hard limit: every TCP
 /// connection holds a socket. Logs what it got.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read or write the struct passed.
-    let result = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            Err(std::io::Error::last_os_error())
-        } else if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok((limit.rlim_cur, raised.rlim_cur))
-            }
-        } else {
-            Ok((limit.rlim_cur, limit.rlim_cur))
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
         }
-    };
-    match result {
+        Ok((soft, hard.max(soft)))
+    });
+    match raised {
         Ok((before, after)) => tracing::info!(before, after, "open-file limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
