@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use ipnetwork::IpNetwork;
 use libwgslirpy::Config;
 use libwgslirpy::config::{Forward, Key, PeerConfig, Transport};
 use libwgslirpy::config_file::ConfigFile;
@@ -150,6 +151,12 @@ pub struct GatewayArgs {
     /// In raw IP mode, only datagrams from this address are accepted.
     #[arg(short = 'p', long, value_name = "IP:PORT")]
     peer_endpoint: Option<SocketAddr>,
+
+    /// Narrow the inner addresses the --peer-key peer may send from (and that are routed to
+    /// it) to these networks: a comma list of CIDRs, a bare address meaning one host.
+    /// Packets from other inner sources are dropped. Default: every address, v4 and v6.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    peer_allowed_ips: Vec<IpNetwork>,
 
     /// Persistent keepalive interval, in seconds.
     #[arg(short = 'a', long, value_name = "SECONDS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -403,6 +410,12 @@ impl GatewayArgs {
                         "--keepalive-interval has no meaning in raw IP mode (-k INSECURE -K GUE)"
                     );
                 }
+                if !self.peer_allowed_ips.is_empty() {
+                    bail!(
+                        "--peer-allowed-ips has no meaning in raw IP mode (-k INSECURE -K GUE): \
+                         any sender may use any inner address"
+                    );
+                }
                 Ok(Transport::RawIp {
                     peer_endpoint: self.peer_endpoint,
                 })
@@ -450,12 +463,20 @@ impl GatewayArgs {
                     Some(peer) => {
                         peer.endpoint = flag_peer.endpoint.or(peer.endpoint);
                         peer.keepalive = flag_peer.keepalive.or(peer.keepalive);
+                        if !self.peer_allowed_ips.is_empty() {
+                            peer.allowed_ips = flag_peer.allowed_ips;
+                        }
                     }
                     None => peers.push(flag_peer),
                 }
             }
-            None if self.peer_endpoint.is_some() || self.keepalive_interval.is_some() => {
-                bail!("--peer-endpoint and --keepalive-interval need --peer-key")
+            None if self.peer_endpoint.is_some()
+                || self.keepalive_interval.is_some()
+                || !self.peer_allowed_ips.is_empty() =>
+            {
+                bail!(
+                    "--peer-endpoint, --keepalive-interval and --peer-allowed-ips need --peer-key"
+                )
             }
             None if peers.is_empty() => bail!("{path}: no [Peer] section, and no --peer-key"),
             None => {}
@@ -463,15 +484,18 @@ impl GatewayArgs {
         Ok(Transport::WireGuard { private_key, peers })
     }
 
-    /// The peer that `-K`, `-p` and `-a` describe; it may use any inner
-    /// address, as in 0.2.0.
+    /// The peer that `-K`, `-p`, `-a` and `--peer-allowed-ips` describe; without
+    /// `--peer-allowed-ips` it may use any inner address, as in 0.2.0.
     fn flag_peer(&self, peer_key: &str) -> anyhow::Result<PeerConfig> {
         Ok(PeerConfig {
             public_key: Key::from_base64(peer_key).context("--peer-key")?,
             preshared_key: None,
             endpoint: self.peer_endpoint,
             keepalive: self.keepalive_interval,
-            allowed_ips: PeerConfig::allow_all(),
+            allowed_ips: match self.peer_allowed_ips.is_empty() {
+                true => PeerConfig::allow_all(),
+                false => self.peer_allowed_ips.clone(),
+            },
         })
     }
 }
@@ -726,6 +750,60 @@ mod tests {
     }
 
     #[test]
+    fn peer_allowed_ips_narrows_the_flag_peer() {
+        let config = parse(&[
+            "-k",
+            PRIVATE,
+            "-K",
+            PEER,
+            "-b",
+            "127.0.0.1:1",
+            "--peer-allowed-ips",
+            "10.0.2.15/32,fd00::15/128",
+            "--peer-allowed-ips",
+            "192.0.2.7",
+        ])
+        .unwrap();
+        let [peer] = peers(&config) else {
+            panic!("one peer")
+        };
+        let expected: Vec<ipnetwork::IpNetwork> = ["10.0.2.15/32", "fd00::15/128", "192.0.2.7/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(peer.allowed_ips, expected);
+
+        // Over a config file's peer with the same key, the flag replaces its AllowedIPs.
+        let same = parse_with_file(
+            &file_text(),
+            &["-K", PEER, "--peer-allowed-ips", "10.0.2.9"],
+        )
+        .unwrap();
+        assert_eq!(
+            peers(&same)[0].allowed_ips,
+            ["10.0.2.9/32".parse().unwrap()]
+        );
+
+        let raw = parse(&[
+            "-k",
+            "INSECURE",
+            "-K",
+            "GUE",
+            "-b",
+            "127.0.0.1:1",
+            "--peer-allowed-ips",
+            "10.0.2.15/32",
+        ])
+        .unwrap_err();
+        assert!(
+            raw.to_string()
+                .starts_with("--peer-allowed-ips has no meaning in raw IP mode")
+        );
+        let bad = Cli::parse_args(["wgslirpy", "--peer-allowed-ips", "10.0.2.300/32"]).unwrap_err();
+        assert!(bad.to_string().contains("--peer-allowed-ips"), "{bad}");
+    }
+
+    #[test]
     fn config_file_errors() {
         let no_key = format!("[Peer]\nPublicKey = {PEER}\n[wgslirpy]\nBind = 127.0.0.1:1\n");
         let error = parse_with_file(&no_key, &[]).unwrap_err().to_string();
@@ -748,7 +826,7 @@ mod tests {
         let error = parse_with_file(&file_text(), &["-p", "192.0.2.1:1"]).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "--peer-endpoint and --keepalive-interval need --peer-key"
+            "--peer-endpoint, --keepalive-interval and --peer-allowed-ips need --peer-key"
         );
         let error = parse_with_file(&file_text(), &["-k", "INSECURE", "-K", "GUE"]).unwrap_err();
         assert!(error.to_string().starts_with("raw IP mode"), "{error}");

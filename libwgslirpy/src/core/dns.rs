@@ -22,9 +22,10 @@
 //!   question differs from the query's is refused (SERVFAIL). With no
 //!   usable nameserver the answer is NOTIMP.
 //! - **Bounded in count and time.** At most `max_in_flight` queries wait for
-//!   the driver; one more is answered SERVFAIL at once, and counted. Each
-//!   waiting query has a deadline `timeout` after its arrival; at the
-//!   deadline it is answered SERVFAIL and the driver is told to give up
+//!   the driver; one more is answered SERVFAIL at once, counted, and logged
+//!   at most once per [`super::limit::LIMIT_LOG_INTERVAL`]. Each waiting
+//!   query has a deadline `timeout` after its arrival; at the deadline it is
+//!   answered SERVFAIL and the driver is told to give up
 //!   ([`SocketAction::DnsCancel`]). So every well-formed query is answered
 //!   exactly once, within the timeout; a late result is ignored.
 //! - **Malformed input.** A datagram too short for a header, or one that is
@@ -53,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::limit::LimitLog;
 use super::{SocketAction, Stats};
 
 /// TTL of the records in local answers, in seconds.
@@ -181,6 +183,7 @@ pub struct DnsServer {
     timeout: Duration,
     max_in_flight: usize,
     next_id: u64,
+    over_capacity_log: LimitLog,
     pending: HashMap<DnsQueryId, Pending>,
     deadlines: BTreeSet<(Instant, DnsQueryId)>,
 }
@@ -194,6 +197,7 @@ impl DnsServer {
             timeout,
             max_in_flight,
             next_id: 0,
+            over_capacity_log: LimitLog::default(),
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
         }
@@ -271,6 +275,12 @@ impl DnsServer {
             );
             stats.dns_over_capacity += 1;
             stats.dns_servfail += 1;
+            if let Some(refused) = self.over_capacity_log.hit(now) {
+                tracing::warn!(
+                    refused,
+                    "--max-dns-queries reached: new DNS queries answered SERVFAIL"
+                );
+            }
             return Some(reply(rcode::SERVFAIL));
         }
         let id = DnsQueryId(self.next_id);

@@ -8,23 +8,30 @@
 //! fixed header. The peer's stack reassembles them.
 //!
 //! The other way, [`Reassembler`] puts the peer's fragments back together.
-//! It holds at most `max_bytes` of fragment payload in all; when a new
-//! fragment would exceed that, the oldest incomplete datagrams are dropped
-//! first. An incomplete datagram is dropped after `timeout`. Overlapping
-//! fragments drop their whole datagram (RFC 5722), as do fragments that
-//! would build a datagram over 65,535 bytes. Nothing here allocates more
-//! than the bytes it was given.
+//! It holds at most `max_bytes` in all, counting each fragment's payload
+//! plus a fixed overhead per fragment and per datagram (so a flood of tiny
+//! fragments is bounded too, in memory and in count); when a new fragment
+//! would exceed that, the oldest incomplete datagrams are dropped first
+//! (counted by the caller, and logged at most once per
+//! [`super::limit::LIMIT_LOG_INTERVAL`]). An incomplete datagram is dropped
+//! after `timeout`. Overlapping or duplicate fragments drop their whole
+//! datagram (RFC 5722), as do fragments that would build a datagram over
+//! 65,535 bytes; empty fragments are dropped. Finding the oldest datagram
+//! and the next deadline is O(log n). Nothing here allocates more than the
+//! bytes it was given.
 //!
 //! Only packets whose IPv6 fragment header directly follows the fixed header
 //! are reassembled; packets with other extension headers before it are
 //! reported as not fragments, and the router drops them as unsupported.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
+
+use super::limit::LimitLog;
 
 /// Length of the IPv4 header of the packets we build (no options).
 const IPV4_HEADER: usize = 20;
@@ -34,6 +41,12 @@ const IPV6_HEADER: usize = 40;
 const FRAGMENT_HEADER: usize = 8;
 /// The largest IP datagram, header included (IPv4), or payload (IPv6).
 const MAX_DATAGRAM: usize = 65535;
+/// What each held fragment costs against the limit beyond its payload: its
+/// allocation and its node in the datagram's map, rounded up.
+const PIECE_OVERHEAD: usize = 64;
+/// What each incomplete datagram costs against the limit beyond its
+/// fragments: its header (at most 60 bytes) and its table entries, rounded up.
+const PARTIAL_OVERHEAD: usize = 256;
 
 /// Splits the IP packet `packet`, built by the router (IPv4 without
 /// options, or IPv6 with no extension header), into fragments of at most
@@ -115,7 +128,7 @@ fn fragment_ipv6(packet: &[u8], mtu: usize, ident: u32, mut emit: impl FnMut(Byt
 }
 
 /// What identifies the fragments of one datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct DatagramKey {
     src: IpAddr,
     dst: IpAddr,
@@ -133,7 +146,10 @@ struct Partial {
     pieces: BTreeMap<usize, Vec<u8>>,
     /// The datagram's payload length, once the last fragment is known.
     total: Option<usize>,
+    /// Payload bytes held.
     bytes: usize,
+    /// What this datagram costs against the limit: payload plus overheads.
+    cost: usize,
 }
 
 /// What became of a packet given to [`Reassembler::handle`].
@@ -153,9 +169,13 @@ pub enum Reassembly {
 /// Reassembles fragmented IPv4 and IPv6 datagrams within bounded memory.
 pub struct Reassembler {
     partials: HashMap<DatagramKey, Partial>,
+    /// The incomplete datagrams by age, oldest first.
+    by_age: BTreeSet<(Instant, DatagramKey)>,
     max_bytes: usize,
+    /// The cost of what is held, overheads included.
     held_bytes: usize,
     timeout: Duration,
+    evict_log: LimitLog,
 }
 
 impl Reassembler {
@@ -164,15 +184,28 @@ impl Reassembler {
     pub fn new(max_bytes: usize, timeout: Duration) -> Self {
         Reassembler {
             partials: HashMap::new(),
+            by_age: BTreeSet::new(),
             max_bytes,
             held_bytes: 0,
             timeout,
+            evict_log: LimitLog::default(),
         }
     }
 
-    /// Bytes of fragments held now.
+    /// Bytes of fragments held now, overheads included: never more than
+    /// `max_bytes`.
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
+    }
+
+    /// Incomplete datagrams held now.
+    pub fn len(&self) -> usize {
+        self.partials.len()
+    }
+
+    /// Whether no incomplete datagram is held.
+    pub fn is_empty(&self) -> bool {
+        self.partials.is_empty()
     }
 
     /// Takes a packet from the peer.
@@ -190,19 +223,28 @@ impl Reassembler {
                 false => Reassembly::NotFragment,
             };
         };
-        if offset + payload.len() > MAX_DATAGRAM || (more && payload.len() % 8 != 0) {
+        if payload.is_empty()
+            || offset + payload.len() > MAX_DATAGRAM
+            || (more && payload.len() % 8 != 0)
+        {
             self.discard(&key);
             return Reassembly::Dropped;
         }
-        if !self.make_room(payload.len()) {
+        // Room for the piece and, if it comes to that, a new datagram.
+        if !self.make_room(now, PARTIAL_OVERHEAD + PIECE_OVERHEAD + payload.len()) {
             return Reassembly::Dropped;
         }
-        let partial = self.partials.entry(key).or_insert_with(|| Partial {
-            first_seen: now,
-            header: None,
-            pieces: BTreeMap::new(),
-            total: None,
-            bytes: 0,
+        let partial = self.partials.entry(key).or_insert_with(|| {
+            self.by_age.insert((now, key));
+            self.held_bytes += PARTIAL_OVERHEAD;
+            Partial {
+                first_seen: now,
+                header: None,
+                pieces: BTreeMap::new(),
+                total: None,
+                bytes: 0,
+                cost: PARTIAL_OVERHEAD,
+            }
         });
         let end = offset + payload.len();
         let overlaps = partial
@@ -225,15 +267,17 @@ impl Reassembler {
         }
         partial.pieces.insert(offset, payload.to_vec());
         partial.bytes += payload.len();
-        self.held_bytes += payload.len();
+        partial.cost += PIECE_OVERHEAD + payload.len();
+        self.held_bytes += PIECE_OVERHEAD + payload.len();
 
         let complete =
             partial.total.is_some_and(|total| partial.bytes == total) && partial.header.is_some();
         if !complete {
             return Reassembly::Pending;
         }
-        let partial = self.partials.remove(&key).expect("just used");
-        self.held_bytes -= partial.bytes;
+        let Some(partial) = self.take(&key) else {
+            return Reassembly::Dropped;
+        };
         match assemble(partial) {
             Some(datagram) => Reassembly::Complete(datagram),
             None => Reassembly::Dropped,
@@ -242,47 +286,51 @@ impl Reassembler {
 
     /// Drops incomplete datagrams older than the timeout.
     pub fn expire(&mut self, now: Instant) {
-        let timeout = self.timeout;
-        let mut freed = 0;
-        self.partials.retain(|_, partial| {
-            let keep = partial.first_seen + timeout > now;
-            if !keep {
-                freed += partial.bytes;
+        while let Some(&(first_seen, key)) = self.by_age.first() {
+            if first_seen + self.timeout > now {
+                break;
             }
-            keep
-        });
-        self.held_bytes -= freed;
+            self.discard(&key);
+        }
     }
 
     /// When the oldest incomplete datagram times out.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.partials
-            .values()
-            .map(|partial| partial.first_seen + self.timeout)
-            .min()
+        self.by_age
+            .first()
+            .map(|&(first_seen, _)| first_seen + self.timeout)
+    }
+
+    /// Removes the datagram `key`, returning it.
+    fn take(&mut self, key: &DatagramKey) -> Option<Partial> {
+        let partial = self.partials.remove(key)?;
+        self.by_age.remove(&(partial.first_seen, *key));
+        self.held_bytes -= partial.cost;
+        Some(partial)
     }
 
     fn discard(&mut self, key: &DatagramKey) {
-        if let Some(partial) = self.partials.remove(key) {
-            self.held_bytes -= partial.bytes;
-        }
+        self.take(key);
     }
 
-    /// Drops the oldest incomplete datagrams until `len` more bytes fit.
-    fn make_room(&mut self, len: usize) -> bool {
-        if len > self.max_bytes {
+    /// Drops the oldest incomplete datagrams until `cost` more fits.
+    fn make_room(&mut self, now: Instant, cost: usize) -> bool {
+        if cost > self.max_bytes {
             return false;
         }
-        while self.held_bytes + len > self.max_bytes {
-            let Some(oldest) = self
-                .partials
-                .iter()
-                .min_by_key(|(_, partial)| partial.first_seen)
-                .map(|(key, _)| *key)
-            else {
+        let mut evicted = false;
+        while self.held_bytes + cost > self.max_bytes {
+            let Some(&(_, oldest)) = self.by_age.first() else {
                 break;
             };
             self.discard(&oldest);
+            evicted = true;
+        }
+        if evicted && let Some(hits) = self.evict_log.hit(now) {
+            tracing::warn!(
+                hits,
+                "--max-reassembly-bytes reached: oldest incomplete datagrams dropped"
+            );
         }
         true
     }
@@ -476,8 +524,61 @@ mod tests {
             assert_eq!(reassembler.handle(now, &pieces[0]), Reassembly::Pending);
             assert!(reassembler.held_bytes() <= 4000);
         }
-        // Only the newest two first fragments (1400 bytes each) fit.
-        assert_eq!(reassembler.held_bytes(), 2 * 1400);
+        // Only the newest two first fragments (1400 bytes each, plus overheads) fit.
+        assert_eq!(
+            reassembler.held_bytes(),
+            2 * (1400 + PIECE_OVERHEAD + PARTIAL_OVERHEAD)
+        );
+        assert_eq!(reassembler.len(), 2);
+    }
+
+    /// Tiny fragments, each its own datagram, cost their overhead: a flood of
+    /// them is bounded in count, not only in payload bytes.
+    #[test]
+    fn tiny_fragment_flood_is_bounded_in_count() {
+        let max = 1 << 16;
+        let mut reassembler = Reassembler::new(max, Duration::from_secs(30));
+        let t0 = Instant::now();
+        let (packet, _) = big_udp("10.0.0.1:1", "10.0.0.2:2", 1);
+        for ident in 0..20_000u16 {
+            let mut piece = packet.to_vec();
+            let mut view = Ipv4Packet::new_unchecked(&mut piece[..]);
+            view.set_ident(ident);
+            view.set_frag_offset(8);
+            view.fill_checksum();
+            let now = t0 + Duration::from_millis(u64::from(ident));
+            assert_eq!(reassembler.handle(now, &piece), Reassembly::Pending);
+            assert!(reassembler.held_bytes() <= max);
+        }
+        assert!(reassembler.len() <= max / (PARTIAL_OVERHEAD + PIECE_OVERHEAD));
+        // The newest are kept, and expire on time.
+        assert_eq!(
+            reassembler.next_expiry(),
+            Some(
+                t0 + Duration::from_millis(20_000 - reassembler.len() as u64)
+                    + Duration::from_secs(30)
+            )
+        );
+        reassembler.expire(t0 + Duration::from_secs(60));
+        assert!(reassembler.is_empty());
+        assert_eq!(reassembler.held_bytes(), 0);
+    }
+
+    #[test]
+    fn empty_fragments_are_dropped() {
+        let (packet, _) = big_udp("10.0.0.1:1", "10.0.0.2:2", 0);
+        let mut piece = packet.to_vec();
+        piece.truncate(20);
+        let mut view = Ipv4Packet::new_unchecked(&mut piece[..]);
+        view.set_total_len(20);
+        view.set_frag_offset(8);
+        view.fill_checksum();
+        let mut reassembler = Reassembler::new(1 << 16, Duration::from_secs(30));
+        assert_eq!(
+            reassembler.handle(Instant::now(), &piece),
+            Reassembly::Dropped
+        );
+        assert!(reassembler.is_empty());
     }
 
     #[test]

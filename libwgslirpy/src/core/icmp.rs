@@ -14,7 +14,9 @@
 //!   arrive when the real reply does, so the peer sees the real round-trip
 //!   time.
 //! - Echo identities are bounded ([`FlowTable`]): a full table closes the
-//!   least recently used, and an identity idle for the idle timeout closes.
+//!   least recently used (counted, and logged at most once per
+//!   [`super::limit::LIMIT_LOG_INTERVAL`]), and an identity idle for the idle
+//!   timeout closes.
 //! - Other ICMP messages from the peer are not forwarded.
 
 use std::collections::VecDeque;
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::flows::{FlowId, FlowTable};
+use super::limit::LimitLog;
 use super::{SocketAction, Stats, packet};
 
 /// Answers an echo request from `src` to `dst` if `dst` is pingable.
@@ -48,6 +51,7 @@ type EchoKey = (IpAddr, u16);
 /// Echo requests forwarded through host ping sockets.
 pub struct EchoNat {
     flows: FlowTable<EchoKey, ()>,
+    evict_log: LimitLog,
 }
 
 impl EchoNat {
@@ -56,6 +60,7 @@ impl EchoNat {
     pub fn new(max_ids: usize, idle_timeout: Duration) -> Self {
         EchoNat {
             flows: FlowTable::new(max_ids, idle_timeout),
+            evict_log: LimitLog::default(),
         }
     }
 
@@ -82,6 +87,12 @@ impl EchoNat {
                 let (flow, evicted) = self.flows.insert(key, (), now);
                 if let Some((old, _, ())) = evicted {
                     stats.icmp_ids_evicted += 1;
+                    if let Some(evicted) = self.evict_log.hit(now) {
+                        tracing::warn!(
+                            evicted,
+                            "--max-icmp-ids reached: least recently used echo identities closed"
+                        );
+                    }
                     actions.push_back(SocketAction::IcmpClose { flow: old });
                 }
                 tracing::debug!(flow = flow.0, peer = %src, ident, "new ICMP echo identity");
@@ -123,6 +134,16 @@ impl EchoNat {
         self.flows.expire(now, |flow, _, ()| {
             actions.push_back(SocketAction::IcmpClose { flow });
         });
+    }
+
+    /// The number of echo identities.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Whether there are no echo identities.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
     }
 
     /// When the next identity times out.

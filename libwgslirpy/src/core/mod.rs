@@ -15,7 +15,7 @@
 //! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
 //!   actions on host sockets ([`Router::poll_socket_action`]), and the next
 //!   deadline ([`Router::poll_timeout`]);
-//! - **getters**: [`Router::stats`].
+//! - **getters**: [`Router::stats`], [`Router::occupancy`].
 //!
 //! After each input, drain `poll_socket_action` and `poll_transmit` until
 //! they return `None`, then re-arm the timer from `poll_timeout`. Each input
@@ -42,6 +42,7 @@ pub mod flows;
 pub mod forward;
 pub mod fragment;
 pub mod icmp;
+pub mod limit;
 pub mod packet;
 pub mod policy;
 pub mod tcp;
@@ -305,6 +306,28 @@ pub struct Stats {
     pub packets_fragmented: u64,
 }
 
+/// How full the router's bounded tables are, from [`Router::occupancy`]: each
+/// stays within its limit in [`Config`], whatever the peers send.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Occupancy {
+    /// UDP flows (`--max-udp-flows`).
+    pub udp_flows: usize,
+    /// TCP connections, TIME-WAIT included (`--max-tcp-connections`).
+    pub tcp_connections: usize,
+    /// TCP connections waiting for their host connect
+    /// (`--max-tcp-pending-connects`).
+    pub tcp_pending_connects: usize,
+    /// ICMP echo identities (`--max-icmp-ids`).
+    pub icmp_ids: usize,
+    /// DNS queries in flight (`--max-dns-queries`).
+    pub dns_queries: usize,
+    /// Bytes held for reassembly, overheads included
+    /// (`--max-reassembly-bytes`).
+    pub reassembly_bytes: usize,
+    /// Packets waiting for the tunnel (`--transmit-queue-capacity`).
+    pub transmit_queue: usize,
+}
+
 /// The router state machine. See the module documentation.
 pub struct Router {
     mtu: usize,
@@ -378,6 +401,19 @@ impl Router {
     /// Counters so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// How full the bounded tables are now.
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            udp_flows: self.udp.len(),
+            tcp_connections: self.tcp.len(),
+            tcp_pending_connects: self.tcp.pending_connects(),
+            icmp_ids: self.echo.len(),
+            dns_queries: self.dns.as_ref().map_or(0, dns::DnsServer::in_flight),
+            reassembly_bytes: self.reassembler.held_bytes(),
+            transmit_queue: self.transmit.len(),
+        }
     }
 
     /// Tells the router the host's own interface addresses, which the access
@@ -931,6 +967,8 @@ impl Router {
 
 #[cfg(test)]
 mod dns_tests;
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tcp_tests;
 #[cfg(test)]

@@ -14,8 +14,8 @@
 //! - Flows are bounded ([`FlowTable`]): a full table evicts the least
 //!   recently used flow, and a flow idle in both directions for the idle
 //!   timeout is closed ([`SocketAction::UdpClose`]).
-//! - A reply that would not fit the tunnel MTU is dropped and counted.
-//!   Fragmentation toward the peer is not done yet.
+//!   Evictions are counted and logged at most once per
+//!   [`super::limit::LIMIT_LOG_INTERVAL`].
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::flows::{FlowId, FlowTable};
+use super::limit::LimitLog;
 use super::{SocketAction, Stats};
 
 /// The UDP flow table and its policy.
 pub struct UdpNat {
     flows: FlowTable<SocketAddr, ()>,
+    evict_log: LimitLog,
 }
 
 impl UdpNat {
@@ -36,6 +38,7 @@ impl UdpNat {
     pub fn new(max_flows: usize, idle_timeout: Duration) -> Self {
         UdpNat {
             flows: FlowTable::new(max_flows, idle_timeout),
+            evict_log: LimitLog::default(),
         }
     }
 
@@ -59,6 +62,12 @@ impl UdpNat {
                 if let Some((old, old_src, ())) = evicted {
                     tracing::debug!(flow = old.0, peer = %old_src, "UDP flow evicted: table full");
                     stats.udp_flows_evicted += 1;
+                    if let Some(evicted) = self.evict_log.hit(now) {
+                        tracing::warn!(
+                            evicted,
+                            "--max-udp-flows reached: least recently used UDP flows closed"
+                        );
+                    }
                     actions.push_back(SocketAction::UdpClose { flow: old });
                 }
                 tracing::debug!(flow = flow.0, peer = %src, "new UDP flow");

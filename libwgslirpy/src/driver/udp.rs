@@ -6,6 +6,12 @@
 //! datagram that the socket cannot take at once is dropped, as a congested
 //! router drops it. Closing a flow aborts its reader and closes the socket.
 //!
+//! Memory: a reader holds no buffer while it waits. When its socket is
+//! readable it peeks at the next datagram's length (`MSG_PEEK | MSG_TRUNC`)
+//! and receives into an allocation of exactly that size, which becomes the
+//! event's payload. A 64 KiB buffer per reader, as before, made 4,096 idle
+//! flows cost about 300 MB (measured: a flood of 20,000 new flows).
+//!
 //! Sockets ask for ICMP errors (`IP_RECVERR`/`IPV6_RECVERR`). When a
 //! destination answers with "port unreachable" (or net or host
 //! unreachable), the kernel queues the error with the address that caused
@@ -19,6 +25,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,9 +33,6 @@ use tokio::task::JoinHandle;
 use super::HostEvent;
 use crate::core::FlowId;
 use crate::core::packet::IcmpError;
-
-/// The largest UDP payload a socket can receive.
-const MAX_DATAGRAM: usize = 65535;
 
 struct FlowSocket {
     socket: Arc<UdpSocket>,
@@ -102,14 +106,18 @@ fn bind_ephemeral(ipv6: bool) -> io::Result<UdpSocket> {
 }
 
 async fn read_datagrams(flow: FlowId, socket: Arc<UdpSocket>, events: mpsc::Sender<HostEvent>) {
-    let mut buf = vec![0; MAX_DATAGRAM];
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((len, from)) => {
+        match socket
+            // ERROR too, as tokio's own `recv_from` asks: a queued ICMP error
+            // makes the socket report an error, not readability.
+            .async_io(Interest::READABLE | Interest::ERROR, || recv_exact(&socket))
+            .await
+        {
+            Ok((payload, from)) => {
                 let event = HostEvent::UdpDatagram {
                     flow,
                     from,
-                    payload: Bytes::copy_from_slice(&buf[..len]),
+                    payload: Bytes::from(payload),
                 };
                 if events.send(event).await.is_err() {
                     return;
@@ -126,6 +134,30 @@ async fn read_datagrams(flow: FlowId, socket: Arc<UdpSocket>, events: mpsc::Send
             }
         }
     }
+}
+
+/// Receives the next datagram into an allocation of its size. `WouldBlock`
+/// when there is none; the error of a queued ICMP error otherwise.
+fn recv_exact(socket: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr)> {
+    use nix::sys::socket::{MsgFlags, SockaddrStorage, recv, recvfrom};
+    use std::os::fd::AsRawFd as _;
+
+    let fd = socket.as_raw_fd();
+    // With MSG_TRUNC, a UDP socket returns the datagram's real length.
+    let len = recv(fd, &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC)?;
+    let mut payload = vec![0; len];
+    let (n, from) = recvfrom::<SockaddrStorage>(fd, &mut payload)?;
+    payload.truncate(n);
+    let from = from
+        .and_then(
+            |addr| match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4))),
+                (_, Some(v6)) => Some(SocketAddr::from(std::net::SocketAddrV6::from(*v6))),
+                _ => None,
+            },
+        )
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    Ok((payload, from))
 }
 
 /// Takes every queued ICMP error off `socket`: the destination that caused

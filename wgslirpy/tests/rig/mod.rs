@@ -543,7 +543,8 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn python() -> &'static str {
+/// The python interpreter the rig uses.
+pub fn python() -> &'static str {
     static PY: OnceLock<&'static str> = OnceLock::new();
     PY.get_or_init(|| {
         PYTHON_CANDIDATES
@@ -1088,13 +1089,15 @@ class Echo(socketserver.BaseRequestHandler):
 Server(("::", int(sys.argv[1])), Echo).serve_forever()
 "#;
 
-/// argv: host port payload_hex attempts per_attempt_timeout_secs. Prints `reply <host> <port>
-/// <hex>` and exits 0, or exits 1 after all attempts time out.
+/// argv: host port payload_hex attempts per_attempt_timeout_secs [source_ip]. Prints `reply
+/// <host> <port> <hex>` and exits 0, or exits 1 after all attempts time out.
 const UDP_CLIENT_PY: &str = r#"
 import socket, sys
 host, port, payload = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
 attempts, timeout = int(sys.argv[4]), float(sys.argv[5])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+if len(sys.argv) > 6:
+    s.bind((sys.argv[6], 0))
 s.settimeout(timeout)
 for i in range(attempts):
     s.sendto(payload, (host, port))
@@ -1807,11 +1810,26 @@ impl Rig {
         attempts: u32,
         per_attempt: Duration,
     ) -> Result<UdpReply, CmdOutput> {
+        self.udp_roundtrip_from(from, None, dst, payload, attempts, per_attempt)
+    }
+
+    /// [`Rig::udp_roundtrip`] from a socket bound to `source` (any local address if `None`).
+    pub fn udp_roundtrip_from(
+        &self,
+        from: &Netns,
+        source: Option<IpAddr>,
+        dst: SocketAddr,
+        payload: &[u8],
+        attempts: u32,
+        per_attempt: Duration,
+    ) -> Result<UdpReply, CmdOutput> {
         assert!(payload.len() <= 60000, "payload too large for argv");
         let script = self.path("udp_client.py");
         let (host, port, hx) = (dst.ip().to_string(), dst.port().to_string(), hex(payload));
         let (n, t) = (attempts.to_string(), per_attempt.as_secs_f64().to_string());
-        let argv = [python(), &script, &host, &port, &hx, &n, &t];
+        let source = source.map(|s| s.to_string());
+        let mut argv = vec![python(), &script, &host, &port, &hx, &n, &t];
+        argv.extend(source.as_deref());
         let out = from.run_timeout(&argv, per_attempt * attempts + Duration::from_secs(5));
         if !out.success() {
             return Err(out);

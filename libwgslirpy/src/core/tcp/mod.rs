@@ -93,6 +93,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::flows::{FlowId, FlowTable};
+use super::limit::LimitLog;
 use super::packet::{self, TcpSegment, Unreachable};
 use super::{SocketAction, Stats};
 use crate::Config;
@@ -155,9 +156,6 @@ impl Settings {
     }
 }
 
-/// At most one "limit reached" line per this long.
-const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Every TCP connection, keyed by (peer endpoint, remote endpoint).
 pub struct Tcp {
     flows: FlowTable<(SocketAddr, SocketAddr), Conn>,
@@ -171,8 +169,7 @@ pub struct Tcp {
     pending_connects: usize,
     secret: [u8; 16],
     epoch: Option<Instant>,
-    limit_log: Option<Instant>,
-    refused_since_log: u64,
+    limit_log: LimitLog,
 }
 
 impl Tcp {
@@ -189,8 +186,7 @@ impl Tcp {
             pending_connects: 0,
             secret,
             epoch: None,
-            limit_log: None,
-            refused_since_log: 0,
+            limit_log: LimitLog::default(),
         }
     }
 
@@ -202,6 +198,11 @@ impl Tcp {
     /// Whether there are no connections.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// The number of connections waiting for their host connect.
+    pub fn pending_connects(&self) -> usize {
+        self.pending_connects
     }
 
     /// The next packet made while handling an input.
@@ -309,17 +310,11 @@ impl Tcp {
     }
 
     fn log_limit(&mut self, now: Instant, flag: &str) {
-        self.refused_since_log += 1;
-        if self
-            .limit_log
-            .is_none_or(|last| now.saturating_duration_since(last) >= LIMIT_LOG_INTERVAL)
-        {
+        if let Some(refused) = self.limit_log.hit(now) {
             tracing::warn!(
-                refused = self.refused_since_log,
+                refused,
                 "new TCP connections refused with RST: {flag} reached"
             );
-            self.limit_log = Some(now);
-            self.refused_since_log = 0;
         }
     }
 
