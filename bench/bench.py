@@ -570,10 +570,16 @@ def measure_iperf(topo, seconds, res, log):
                                       "--sort", "dso,symbol", "--stdio", "-g", "none",
                                       "--percent-limit", "1"],
                                      capture_output=True, text=True).stdout
-                top = [l for l in rep.splitlines() if l.strip() and not l.startswith("#")]
-                res["perf_top_" + key] = top[:25]
+                top = [re.sub(r"[\s-]+$", "", l) for l in rep.splitlines()
+                       if l.strip() and not l.startswith("#")]
+                dso = subprocess.run(["perf", "report", "-i", data, "--no-children",
+                                      "--sort", "dso", "--stdio", "-g", "none"],
+                                     capture_output=True, text=True).stdout
+                top = [re.sub(r"[\s-]+$", "", l) for l in dso.splitlines()
+                       if l.strip() and not l.startswith("#")][:5] + [""] + top
+                res["perf_top_" + key] = top[:30]
                 log("  perf, gateway during %s (self time, >= 1%%):\n    %s"
-                    % (key, "\n    ".join(top[:25])))
+                    % (key, "\n    ".join(top[:30])))
             cpu1, peer1 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
             j = json.loads(out)
             received = j["end"]["sum_received"]
@@ -704,7 +710,8 @@ def report(ours, base, args, started):
         lines.append("| %s | %s | %s |" % (key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
                                            fmt(base.get(key + "_peer_cpu_per_gb"), ".2f")))
     if ours.get("perf_top_up4"):
-        lines += ["", "perf, wgslirpy during the 4-stream upload (self time, >= 1%):", "",
+        lines += ["", "perf, wgslirpy during the 4-stream upload (self time by object, then by symbol "
+                  ">= 1%):", "",
                   "```"] + ours["perf_top_up4"] + ["```"]
     lines += ["", "Raw results:", "", "```json",
               json.dumps({"ours": ours, "baseline": base}, indent=1, sort_keys=True), "```", ""]
