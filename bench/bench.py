@@ -1,0 +1,771 @@
+#!/usr/bin/env python3
+"""wgslirpy benchmark suite (issues 3 and 8): our gateway against the kernel baseline.
+
+Run it through bench/run.sh (which builds the release binary), as root:
+
+    sudo bench/run.sh [--quick] [--binary PATH] [--gateway-arg ARG ...]
+
+For each gateway in turn it builds three network namespaces, as the end-to-end rig does:
+
+    peer ns (wireguard-go peer) --veth-- gateway ns --veth-- internet ns (servers)
+
+and in the gateway ns runs either
+  * wgslirpy (release build), or
+  * the BASELINE: a second wireguard-go with kernel forwarding (ip_forward) and nftables
+    masquerade toward the internet ns,
+serving the same kind of wireguard-go peer. Then it measures, in this order:
+  1. 10,000 idle TCP connections: gateway RSS and descriptors before, with them open, and
+     after they close; all 10,000 must still echo;
+  2. short TCP connections (connect, one request, one reply, close): median and p99;
+  3. UDP echo round trips: p50 and p99;
+  4. ICMP echo round trips (ping through the gateway to the internet ns): p50;
+  5. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
+     with the gateway process's CPU-seconds (utime + stime) per GB received;
+  6. 200 concurrent connections each echoing 1 MB, all byte-exact.
+It prints a markdown table (absolute values and ratios ours / baseline) and writes it to
+bench/results/. Network rule: every packet stays inside the namespaces it creates; they and
+every process it starts are removed (by PID) at the end, also on failure or Ctrl-C.
+
+The same file is also the servers and clients it runs inside the namespaces
+(`bench.py serve ...`, `bench.py client ...`).
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Address plan: the same as wgslirpy/tests/rig/mod.rs.
+PEER_UNDERLAY_V4, GW_UNDERLAY_V4 = "198.18.1.2", "198.18.1.1"
+PEER_UNDERLAY_V6, GW_UNDERLAY_V6 = "fd00:1::2", "fd00:1::1"
+GW_INET_V4, GW_INET_V6 = "198.18.2.1", "fd00:2::1"
+INET_V4, INET_V6 = "198.18.2.2", "fd00:2::2"
+PEER_INNER_V4, PEER_INNER_V6 = "198.19.77.2", "fd77::2"
+GW_INNER_V4, GW_INNER_V6 = "198.19.77.1", "fd77::1"
+GW_PORT, PEER_PORT = 51820, 51821
+MTU = 1420
+ECHO_PORT, REPLY_PORT, UDP_ECHO_PORT, IPERF_PORT = 7, 8, 7, 5201
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+# ---------------------------------------------------------------------------------------
+# Servers (internet ns): TCP echo, one-request-one-reply, UDP echo. One asyncio process.
+# ---------------------------------------------------------------------------------------
+
+
+async def serve_main():
+    raise_nofile()
+
+    async def echo(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def reply(reader, writer):
+        try:
+            await reader.readuntil(b"\n")
+            writer.write(b"R" * 99 + b"\n")
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    class UdpEcho(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for port, handler in ((ECHO_PORT, echo), (REPLY_PORT, reply)):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+        servers.append(await asyncio.start_server(handler, sock=s, backlog=4096))
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    u.bind(("::", UDP_ECHO_PORT))
+    await loop.create_datagram_endpoint(UdpEcho, sock=u)
+    print("serving", flush=True)
+    await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------------------------------
+# Clients (peer ns)
+# ---------------------------------------------------------------------------------------
+
+
+async def client_idle(host, count, concurrency):
+    """Opens `count` connections to the echo server, then obeys stdin: `echo` checks that
+    every one echoes, `close` closes them all."""
+    raise_nofile()
+    conns = []
+    sem = asyncio.Semaphore(concurrency)
+    failures = []
+
+    async def open_one():
+        async with sem:
+            for attempt in range(3):
+                try:
+                    r, w = await asyncio.wait_for(asyncio.open_connection(host, ECHO_PORT), 30)
+                    conns.append((r, w))
+                    return
+                except (OSError, asyncio.TimeoutError) as e:
+                    err = e
+                    await asyncio.sleep(0.5)
+            failures.append(repr(err))
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(open_one() for _ in range(count)))
+    print("opened", len(conns), "failed", len(failures), "%.2f" % (time.monotonic() - t0),
+          flush=True)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    while True:
+        line = (await stdin.readline()).decode().strip()
+        if line == "echo":
+            async def one(i, r, w):
+                async with sem:
+                    msg = b"%08d\n" % i
+                    w.write(msg)
+                    await w.drain()
+                    got = await asyncio.wait_for(r.readexactly(len(msg)), 30)
+                    return got == msg
+            t0 = time.monotonic()
+            results = await asyncio.gather(*(one(i, r, w) for i, (r, w) in enumerate(conns)),
+                                           return_exceptions=True)
+            ok = sum(1 for x in results if x is True)
+            print("echoed", ok, "of", len(conns), "%.2f" % (time.monotonic() - t0), flush=True)
+        elif line == "close" or not line:
+            for _, w in conns:
+                w.close()
+            await asyncio.sleep(0.5)
+            print("closed", len(conns), flush=True)
+            return
+
+
+def client_short(host, count):
+    """`count` sequential short connections (connect, request, reply, close); prints the
+    milliseconds each took."""
+    times = []
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for i in range(count):
+        t0 = time.perf_counter()
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect((host, REPLY_PORT))
+        s.sendall(b"GET /%d\n" % i)
+        got = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            got += d
+        s.close()
+        times.append((time.perf_counter() - t0) * 1000)
+        if len(got) != 100:
+            print("bad reply", len(got), flush=True)
+            sys.exit(1)
+    print("times", " ".join("%.3f" % t for t in times), flush=True)
+
+
+def client_udp(host, count):
+    """`count` sequential UDP echoes of 64 bytes; prints the round trips in microseconds
+    (a lost datagram is retried after 1 s and not counted)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    s.connect((host, UDP_ECHO_PORT))
+    times, lost = [], 0
+    for i in range(count):
+        msg = b"%08d" % i + b"u" * 56
+        while True:
+            t0 = time.perf_counter()
+            s.send(msg)
+            try:
+                while s.recv(2048) != msg:
+                    pass
+                break
+            except socket.timeout:
+                lost += 1
+        times.append((time.perf_counter() - t0) * 1e6)
+    print("lost", lost, flush=True)
+    print("times", " ".join("%.1f" % t for t in times), flush=True)
+
+
+async def client_echo(host, conns, size):
+    """`conns` concurrent connections each echo `size` random bytes; prints `ok N SECONDS`."""
+    raise_nofile()
+    sem = asyncio.Semaphore(conns)
+
+    async def one():
+        async with sem:
+            data = os.urandom(size)
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, ECHO_PORT), 30)
+
+            async def send():
+                for i in range(0, size, 65536):
+                    w.write(data[i:i + 65536])
+                    await w.drain()
+                w.write_eof()
+
+            sender = asyncio.create_task(send())
+            got = bytearray()
+            while True:
+                d = await r.read(1 << 20)
+                if not d:
+                    break
+                got += d
+            await sender
+            w.close()
+            return bytes(got) == data
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one() for _ in range(conns)), return_exceptions=True)
+    bad = [r for r in results if r is not True]
+    for r in bad[:5]:
+        print("bad", repr(r), flush=True)
+    print("ok", conns - len(bad), "%.2f" % (time.monotonic() - t0), flush=True)
+
+
+def client_main(argv):
+    cmd = argv[0]
+    if cmd == "idle":
+        asyncio.run(client_idle(argv[1], int(argv[2]), int(argv[3])))
+    elif cmd == "short":
+        client_short(argv[1], int(argv[2]))
+    elif cmd == "udp":
+        client_udp(argv[1], int(argv[2]))
+    elif cmd == "echo":
+        asyncio.run(client_echo(argv[1], int(argv[2]), int(argv[3])))
+    else:
+        sys.exit("unknown client " + cmd)
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration (host, as root)
+# ---------------------------------------------------------------------------------------
+
+
+class Topology:
+    """Three namespaces, a wireguard-go peer, servers, and one gateway (ours or baseline).
+    Everything it starts is stopped by PID in `close()`."""
+
+    def __init__(self, kind, binary, gateway_args, log_dir):
+        self.kind = kind
+        self.tag = "%d%s" % (os.getpid() % 100000, "o" if kind == "ours" else "b")
+        self.ns = {r: "wgsb-%s-%s" % (self.tag, r) for r in ("peer", "gw", "inet")}
+        self.procs = []
+        self.devs = []
+        self.binary = binary
+        self.gateway_args = gateway_args
+        self.log_dir = log_dir
+        self.gateway_pid = None
+        self.peer_wg_pid = None
+        self.perf = False
+
+    # -- helpers --
+    def sh(self, *argv, ns=None, check=True, timeout=30, input=None):
+        cmd = (["ip", "netns", "exec", self.ns[ns]] if ns else []) + list(argv)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise RuntimeError("%s failed (%d): %s%s" % (" ".join(cmd), r.returncode,
+                                                          r.stdout, r.stderr))
+        return r.stdout
+
+    def ip(self, ns, args):
+        return self.sh("ip", "-n", self.ns[ns], *args.split())
+
+    def spawn(self, name, ns, argv, env=None, pipes=False):
+        log = open(os.path.join(self.log_dir, "%s-%s.log" % (self.kind, name)), "w")
+        e = dict(os.environ)
+        e.update(env or {})
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[ns]] + argv, env=e,
+                             stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE if pipes else log, stderr=log,
+                             text=True)
+        p.bench_name = name
+        self.procs.append(p)
+        return p
+
+    def keygen(self):
+        priv = self.sh("wg", "genkey").strip()
+        pub = self.sh("wg", "pubkey", input=priv + "\n").strip()
+        return priv, pub
+
+    def wireguard_go(self, ns, dev, priv, port):
+        p = self.spawn("wireguard-go-" + ns, ns, ["wireguard-go", "-f", dev],
+                       env={"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1",
+                            "LOG_LEVEL": "error"})
+        self.devs.append(dev)
+        sock = "/var/run/wireguard/%s.sock" % dev
+        wait(lambda: os.path.exists(sock), 10, "wireguard-go control socket " + sock)
+        key = os.path.join(self.log_dir, dev + ".key")
+        with open(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(priv + "\n")
+        self.sh("wg", "set", dev, "private-key", key, "listen-port", str(port), ns=ns)
+        return p
+
+    # -- setup --
+    def up(self):
+        for n in self.ns.values():
+            self.sh("ip", "netns", "add", n)
+        for r in self.ns:
+            self.ip(r, "link set lo up")
+        self.ip("peer", "link add up0 type veth peer name peer0 netns " + self.ns["gw"])
+        self.ip("gw", "link add inet0 type veth peer name gw0 netns " + self.ns["inet"])
+        for ns, dev, v4, v6 in (("peer", "up0", PEER_UNDERLAY_V4, PEER_UNDERLAY_V6),
+                                ("gw", "peer0", GW_UNDERLAY_V4, GW_UNDERLAY_V6),
+                                ("gw", "inet0", GW_INET_V4, GW_INET_V6),
+                                ("inet", "gw0", INET_V4, INET_V6)):
+            self.ip(ns, "addr add %s/24 dev %s" % (v4, dev))
+            self.ip(ns, "addr add %s/64 dev %s nodad" % (v6, dev))
+            self.ip(ns, "link set %s up" % dev)
+        self.ip("gw", "route add default via " + INET_V4)
+        self.ip("gw", "-6 route add default via " + INET_V6)
+
+        serve = self.spawn("servers", "inet", [sys.executable, __file__, "serve"])
+        iperf = self.spawn("iperf3", "inet", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+        wait(lambda: "serving" in read_log(self, "servers"), 10, "servers")
+        wait(lambda: (":%d " % IPERF_PORT) in self.sh("ss", "-Htln", ns="inet"), 10,
+             "iperf3 -s")
+
+        gw_priv, gw_pub = self.keygen()
+        peer_priv, peer_pub = self.keygen()
+        peer_dev, gw_dev = "wgb%sp" % self.tag, "wgb%sg" % self.tag
+        self.peer_wg_pid = self.wireguard_go("peer", peer_dev, peer_priv, PEER_PORT).pid
+        self.ip("peer", "addr add %s/32 dev %s" % (PEER_INNER_V4, peer_dev))
+        self.ip("peer", "addr add %s/128 dev %s nodad" % (PEER_INNER_V6, peer_dev))
+        self.ip("peer", "link set %s mtu %d up" % (peer_dev, MTU))
+        self.ip("peer", "route add default dev " + peer_dev)
+        self.ip("peer", "-6 route add default dev " + peer_dev)
+
+        if self.kind == "ours":
+            argv = [self.binary, "-k", gw_priv, "-K", peer_pub,
+                    "-b", "%s:%d" % (GW_UNDERLAY_V4, GW_PORT),
+                    "-p", "%s:%d" % (PEER_UNDERLAY_V4, PEER_PORT),
+                    "-P", GW_INNER_V4, "-P", GW_INNER_V6] + self.gateway_args
+            gw = self.spawn("gateway", "gw", argv, env={"RUST_LOG": "warn"})
+            wait(lambda: (":%d " % GW_PORT) in self.sh("ss", "-Hunl", ns="gw"), 10,
+                 "wgslirpy to bind")
+        else:
+            gw = self.wireguard_go("gw", gw_dev, gw_priv, GW_PORT)
+            self.sh("wg", "set", gw_dev, "peer", peer_pub, "allowed-ips",
+                    "%s/32,%s/128" % (PEER_INNER_V4, PEER_INNER_V6),
+                    "endpoint", "%s:%d" % (PEER_UNDERLAY_V4, PEER_PORT), ns="gw")
+            self.ip("gw", "addr add %s/24 dev %s" % (GW_INNER_V4, gw_dev))
+            self.ip("gw", "addr add %s/64 dev %s nodad" % (GW_INNER_V6, gw_dev))
+            self.ip("gw", "link set %s mtu %d up" % (gw_dev, MTU))
+            self.sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns="gw")
+            self.sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns="gw")
+            self.sh("nft", "-f", "-", ns="gw", input=(
+                "table inet nat {\n chain postrouting {\n"
+                "  type nat hook postrouting priority srcnat; policy accept;\n"
+                "  oifname \"inet0\" masquerade\n }\n}\n"))
+        self.gateway_pid = gw.pid
+        self.sh("wg", "set", peer_dev, "peer", gw_pub, "allowed-ips", "0.0.0.0/0,::/0",
+                "endpoint", "%s:%d" % (GW_UNDERLAY_V4, GW_PORT), "persistent-keepalive", "5",
+                ns="peer")
+
+        def handshake():
+            out = self.sh("wg", "show", peer_dev, "latest-handshakes", ns="peer")
+            return any(int(l.split()[1]) > 0 for l in out.splitlines() if l.strip())
+        wait(handshake, 20, "WireGuard handshake")
+        # The gateway must answer through the tunnel before we measure anything.
+        wait(lambda: subprocess.run(["ip", "netns", "exec", self.ns["peer"], "ping", "-c1",
+                                     "-W1", INET_V4], capture_output=True).returncode == 0,
+             20, "ping through the gateway")
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.time() + 3
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for n in self.ns.values():
+            pids = subprocess.run(["ip", "netns", "pids", n], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "delete", n], capture_output=True)
+        for dev in self.devs:
+            try:
+                os.remove("/var/run/wireguard/%s.sock" % dev)
+            except FileNotFoundError:
+                pass
+
+
+def read_log(topo, name):
+    try:
+        with open(os.path.join(topo.log_dir, "%s-%s.log" % (topo.kind, name))) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def wait(probe, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if probe():
+            return
+        time.sleep(0.05)
+    raise RuntimeError("timed out waiting for " + what)
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the whole line (1-based): 12 and 13 here.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def client(topo, args, timeout):
+    """Runs `bench.py client ARGS` in the peer ns; returns its stdout."""
+    return topo.sh(sys.executable, __file__, "client", *args, ns="peer", timeout=timeout)
+
+
+def measure_idle(topo, count, res, log):
+    pid = topo.gateway_pid
+    time.sleep(1)
+    rss0, fds0 = rss_bytes(pid), fd_count(pid)
+    p = topo.spawn("idle-client", "peer",
+                   [sys.executable, __file__, "client", "idle", INET_V4, str(count), "200"],
+                   pipes=True)
+    line = p.stdout.readline().split()
+    if not line or line[0] != "opened":
+        raise RuntimeError("idle client: %r" % line)
+    opened, failed, secs = int(line[1]), int(line[3]), float(line[4])
+    time.sleep(2)
+    rss1, fds1 = rss_bytes(pid), fd_count(pid)
+    p.stdin.write("echo\n")
+    p.stdin.flush()
+    echoed = p.stdout.readline().split()
+    p.stdin.write("close\n")
+    p.stdin.flush()
+    p.stdout.readline()
+    p.wait(30)
+    t0 = time.time()
+    while fd_count(pid) > fds0 and time.time() - t0 < 30:
+        time.sleep(0.1)
+    back = time.time() - t0
+    time.sleep(1)
+    rss2, fds2 = rss_bytes(pid), fd_count(pid)
+    res.update(idle_count=count, idle_opened=opened, idle_failed=failed, idle_open_s=secs,
+               idle_rss0=rss0, idle_rss1=rss1, idle_rss2=rss2,
+               idle_per_conn=(rss1 - rss0) / max(opened, 1),
+               idle_fds0=fds0, idle_fds1=fds1, idle_fds2=fds2, idle_fds_back_s=back,
+               idle_echoed=int(echoed[1]) if echoed[:1] == ["echoed"] else 0)
+    log("  %d idle: opened %d in %.1f s, RSS %.1f -> %.1f MiB (%.2f KiB each), %s, "
+        "fds %d -> %d -> %d, RSS after close %.1f MiB"
+        % (count, opened, secs, rss0 / 2**20, rss1 / 2**20, res["idle_per_conn"] / 1024,
+           " ".join(echoed), fds0, fds1, fds2, rss2 / 2**20))
+
+
+def measure_short(topo, count, res, log):
+    client(topo, ["short", INET_V4, "20"], 60)  # warm up
+    out = client(topo, ["short", INET_V4, str(count)], 300)
+    times = [float(t) for t in out.split("times", 1)[1].split()]
+    res.update(short_p50=statistics.median(times), short_p99=percentile(times, 99))
+    log("  short connections: p50 %.3f ms, p99 %.3f ms (%d)"
+        % (res["short_p50"], res["short_p99"], count))
+
+
+def measure_udp(topo, count, res, log):
+    out = client(topo, ["udp", INET_V4, str(count)], 300)
+    times = [float(t) for t in out.split("times", 1)[1].split()]
+    lost = int(out.split("lost", 1)[1].split()[0])
+    res.update(udp_p50=statistics.median(times), udp_p99=percentile(times, 99), udp_lost=lost)
+    log("  UDP echo RTT: p50 %.0f us, p99 %.0f us, lost %d"
+        % (res["udp_p50"], res["udp_p99"], lost))
+
+
+def measure_icmp(topo, count, res, log):
+    out = topo.sh("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", INET_V4,
+                  ns="peer", check=False, timeout=60)
+    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
+    res.update(icmp_p50=statistics.median(times) if times else float("nan"),
+               icmp_received=len(times))
+    log("  ICMP RTT: p50 %.3f ms (%d of %d answered)" % (res["icmp_p50"], len(times), count))
+
+
+def measure_iperf(topo, seconds, res, log):
+    pid = topo.gateway_pid
+    for reverse in (False, True):
+        for streams in (1, 4):
+            key = "%s%d" % ("down" if reverse else "up", streams)
+            argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+                    "-P", str(streams)] + (["-R"] if reverse else [])
+            cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+            perf = None
+            if topo.perf and topo.kind == "ours" and key == "up4":
+                data = os.path.join(topo.log_dir, "perf-%s.data" % key)
+                perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data,
+                                         "-p", str(pid), "--", "sleep", str(seconds)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out = topo.sh(*argv, ns="peer", timeout=seconds + 30)
+            if perf:
+                perf.wait(30)
+                rep = subprocess.run(["perf", "report", "-i", data, "--no-children",
+                                      "--sort", "dso,symbol", "--stdio", "-g", "none",
+                                      "--percent-limit", "1"],
+                                     capture_output=True, text=True).stdout
+                top = [re.sub(r"[\s-]+$", "", l) for l in rep.splitlines()
+                       if l.strip() and not l.startswith("#")]
+                dso = subprocess.run(["perf", "report", "-i", data, "--no-children",
+                                      "--sort", "dso", "--stdio", "-g", "none"],
+                                     capture_output=True, text=True).stdout
+                top = [re.sub(r"[\s-]+$", "", l) for l in dso.splitlines()
+                       if l.strip() and not l.startswith("#")][:5] + [""] + top
+                res["perf_top_" + key] = top[:30]
+                log("  perf, gateway during %s (self time, >= 1%%):\n    %s"
+                    % (key, "\n    ".join(top[:30])))
+            cpu1, peer1 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+            j = json.loads(out)
+            received = j["end"]["sum_received"]
+            gb = received["bytes"] / 1e9
+            res[key + "_gbps"] = received["bits_per_second"] / 1e9
+            res[key + "_cpu_per_gb"] = (cpu1 - cpu0) / gb if gb else float("nan")
+            res[key + "_peer_cpu_per_gb"] = (peer1 - peer0) / gb if gb else float("nan")
+            res[key + "_retransmits"] = j["end"].get("sum_sent", {}).get("retransmits")
+            log("  iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
+                "retransmits %s" % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
+                                    res[key + "_peer_cpu_per_gb"], res[key + "_retransmits"]))
+            time.sleep(0.5)
+
+
+def measure_echo(topo, conns, res, log):
+    out = client(topo, ["echo", INET_V4, str(conns), str(1 << 20)], 300)
+    last = out.strip().splitlines()[-1].split()
+    res.update(echo_conns=conns, echo_ok=int(last[1]), echo_s=float(last[2]))
+    log("  %d x 1 MB echoes: %d byte-exact in %.1f s" % (conns, res["echo_ok"], res["echo_s"]))
+
+
+def run_one(kind, args, log_dir, log):
+    topo = Topology(kind, args.binary, args.gateway_arg, log_dir)
+    topo.perf = args.perf
+    res = {"kind": kind}
+    try:
+        log("== %s ==" % ("wgslirpy" if kind == "ours" else "baseline (wireguard-go + kernel "
+                          "forwarding + nftables masquerade)"))
+        topo.up()
+        res["rss_start"] = rss_bytes(topo.gateway_pid)
+        measure_idle(topo, args.idle, res, log)
+        measure_short(topo, args.short, res, log)
+        measure_udp(topo, args.udp, res, log)
+        measure_icmp(topo, args.icmp, res, log)
+        measure_iperf(topo, args.seconds, res, log)
+        measure_echo(topo, args.echoes, res, log)
+        res["rss_end"] = rss_bytes(topo.gateway_pid)
+        res["gateway_alive"] = topo.procs and all(
+            p.poll() is None for p in topo.procs if p.pid == topo.gateway_pid)
+    finally:
+        topo.close()
+    return res
+
+
+def fmt(v, spec):
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return format(v, spec)
+
+
+def ratio(a, b):
+    if a is None or b is None or not b or a != a or b != b:
+        return "n/a"
+    return "%.2f" % (a / b)
+
+
+def report(ours, base, args, started):
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# wgslirpy benchmark: %s" % started.strftime("%Y-%m-%d %H:%M UTC"),
+        "",
+        "Commit %s%s, kernel %s, %d CPUs. Extra wgslirpy arguments: `%s`; "
+        "counts: %d idle connections, %d short connections, %d UDP echoes, %d pings, "
+        "iperf3 -t %d."
+        % (commit, " (with local changes)" if dirty else "", platform.release(),
+           os.cpu_count(), " ".join(args.gateway_arg) or "none", args.idle, args.short,
+           args.udp, args.icmp, args.seconds),
+        "Baseline: wireguard-go in the gateway namespace, kernel forwarding, nftables "
+        "masquerade; its CPU is the wireguard-go process only (kernel forwarding and NAT "
+        "run in softirq and are not counted), and its RSS and descriptors are wireguard-go's, "
+        "which keeps no per-connection state (the kernel's conntrack entries are not in any "
+        "RSS), so its memory rows are context, not a like-for-like comparison. Both serve "
+        "the same kind of wireguard-go peer, whose CPU is listed below.",
+        "Ratios are ours / baseline. Targets: issue 8 (and issue 3 for the short connection "
+        "median and RSS per idle connection).",
+        "",
+        "| measure | wgslirpy | baseline | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+
+    def row(name, key, spec, target="", scale=1.0, show_ratio=True):
+        a, b = ours.get(key), base.get(key)
+        if scale != 1.0:
+            a = a * scale if isinstance(a, (int, float)) else a
+            b = b * scale if isinstance(b, (int, float)) else b
+        lines.append("| %s | %s | %s | %s | %s |" % (
+            name, fmt(a, spec), fmt(b, spec), ratio(a, b) if show_ratio else "", target))
+
+    for key, name in (("up1", "peer → internet, 1 stream"), ("up4", "peer → internet, 4 streams"),
+                      ("down1", "internet → peer, 1 stream"),
+                      ("down4", "internet → peer, 4 streams")):
+        row("TCP %s (Gbit/s)" % name, key + "_gbps", ".3f", "ratio ≥ 1.5")
+    for key, name in (("up1", "peer → internet, 1 stream"), ("up4", "peer → internet, 4 streams"),
+                      ("down1", "internet → peer, 1 stream"),
+                      ("down4", "internet → peer, 4 streams")):
+        row("gateway CPU-s per GB, %s" % name, key + "_cpu_per_gb", ".2f", "≤ 2.0 (ours)")
+    row("short TCP connection, median (ms)", "short_p50", ".3f", "ratio ≤ 0.8 (issue 3: ≤ 1.0)")
+    row("short TCP connection, p99 (ms)", "short_p99", ".3f")
+    row("UDP echo RTT, p50 (µs)", "udp_p50", ".0f", "ratio ≤ 0.8")
+    row("UDP echo RTT, p99 (µs)", "udp_p99", ".0f")
+    row("ICMP echo RTT, p50 (ms)", "icmp_p50", ".3f")
+    row("gateway RSS at start (MiB)", "idle_rss0", ".1f", scale=1 / 2**20)
+    row("gateway RSS with %d idle connections (MiB)" % args.idle, "idle_rss1", ".1f",
+        scale=1 / 2**20)
+    row("gateway RSS per idle connection (KiB)", "idle_per_conn", ".2f", "≤ 16 (ours)",
+        scale=1 / 1024)
+    row("gateway RSS after they closed (MiB)", "idle_rss2", ".1f", scale=1 / 2**20)
+    row("idle connections opened", "idle_opened", "d", show_ratio=False)
+    row("idle connections that echoed afterwards", "idle_echoed", "d", "all",
+        show_ratio=False)
+    row("gateway fds: start", "idle_fds0", "d", show_ratio=False)
+    row("gateway fds: with idle connections", "idle_fds1", "d", show_ratio=False)
+    row("gateway fds: after they closed", "idle_fds2", "d", "= start", show_ratio=False)
+    row("%d concurrent 1 MB echoes, byte-exact" % args.echoes, "echo_ok", "d", "all",
+        show_ratio=False)
+    row("%d concurrent 1 MB echoes, seconds" % args.echoes, "echo_s", ".1f")
+    lines += [
+        "",
+        "Context (not targets): the peer's wireguard-go CPU-s per GB, same runs:",
+        "",
+        "| run | wgslirpy | baseline |",
+        "|---|---|---|",
+    ]
+    for key in ("up1", "up4", "down1", "down4"):
+        lines.append("| %s | %s | %s |" % (key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
+                                           fmt(base.get(key + "_peer_cpu_per_gb"), ".2f")))
+    if ours.get("perf_top_up4"):
+        lines += ["", "perf, wgslirpy during the 4-stream upload (self time by object, then by symbol "
+                  ">= 1%):", "",
+                  "```"] + ours["perf_top_up4"] + ["```"]
+    lines += ["", "Raw results:", "", "```json",
+              json.dumps({"ours": ours, "baseline": base}, indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def orchestrate(argv):
+    ap = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/wgslirpy"))
+    ap.add_argument("--gateway-arg", action="append", default=[],
+                    help="extra wgslirpy argument (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    ap.add_argument("--perf", action="store_true",
+                    help="profile wgslirpy with perf during the 4-stream upload")
+    ap.add_argument("--only", choices=["ours", "baseline"], help="measure one gateway only")
+    ap.add_argument("--out", help="results file (default bench/results/<date>-<commit>.md)")
+    args = ap.parse_args(argv)
+    args.idle, args.short, args.udp, args.icmp, args.seconds, args.echoes = (
+        (1000, 100, 200, 20, 2, 20) if args.quick else (10000, 500, 1000, 100, 4, 200))
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (network namespaces)")
+    raise_nofile()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    log_dir = "/tmp/wgslirpy-bench-%d" % os.getpid()
+    os.makedirs(log_dir, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    # Ctrl-C and SIGTERM unwind through the `finally` blocks that clean up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    results = {}
+    for kind in ("ours", "baseline"):
+        if args.only and args.only != kind:
+            results[kind] = {}
+            continue
+        results[kind] = run_one(kind, args, log_dir, log)
+    text = report(results["ours"], results["baseline"], args, started)
+    out = args.out or os.path.join(HERE, "results", "%s-%s.md" % (
+        started.strftime("%Y%m%d-%H%M"),
+        subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True).stdout.strip() or "unknown"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print()
+    print(text.split("\nRaw results:")[0])
+    print("written to", out, "; logs in", log_dir)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        asyncio.run(serve_main())
+    elif sys.argv[1:2] == ["client"]:
+        client_main(sys.argv[2:])
+    else:
+        orchestrate(sys.argv[1:])

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The benchmark suite (issues 3 and 8): builds the release binary, then measures it and the
+# kernel baseline (wireguard-go + ip_forward + nftables masquerade) in network namespaces,
+# in the same run. Prints a table and writes it to bench/results/. Needs root; takes a few
+# minutes on 2 cores. Not part of `cargo test`. Options: see `bench/bench.py --help`
+# (--quick for a smoke run, --gateway-arg ARG to pass wgslirpy a flag, --binary PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bench: needs root (network namespaces); run: sudo bench/run.sh" >&2
+  exit 1
+fi
+scripts/install-deps.sh
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+binary="$target/release/wgslirpy"
+if [[ " $* " != *" --binary "* ]]; then
+  cargo build --release -p wgslirpy
+  set -- --binary "$binary" "$@"
+fi
+exec python3 bench/bench.py "$@"
