@@ -223,6 +223,25 @@ fn parse_reply(buf: &[u8], kind: Kind, ipv6: bool) -> Option<(u16, &[u8])> {
     Some((seq_no, &message[ECHO_HEADER..]))
 }
 
+/// Receives the next message. Ping sockets do not report a message's real
+/// length (as UDP sockets do with MSG_TRUNC), so the full-size buffer is
+/// made only once a message is waiting, and shrunk to it: an idle socket's
+/// reader holds no buffer.
+fn recv_reply(socket: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr)> {
+    use nix::sys::socket::{SockaddrStorage, recvfrom};
+    use std::os::fd::AsRawFd as _;
+
+    let mut message = vec![0; 65535];
+    let (len, from) = recvfrom::<SockaddrStorage>(socket.as_raw_fd(), &mut message)?;
+    message.truncate(len);
+    message.shrink_to_fit();
+    let from = from
+        .as_ref()
+        .and_then(super::udp::socket_addr)
+        .ok_or_else(|| io::Error::other("message without a source address"))?;
+    Ok((message, from))
+}
+
 async fn read_replies(
     flow: FlowId,
     socket: Arc<UdpSocket>,
@@ -230,11 +249,13 @@ async fn read_replies(
     ipv6: bool,
     events: mpsc::Sender<HostEvent>,
 ) {
-    let mut buf = vec![0; 65535];
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((len, from)) => {
-                let Some((seq_no, data)) = parse_reply(&buf[..len], kind, ipv6) else {
+        match socket
+            .async_io(tokio::io::Interest::READABLE, || recv_reply(&socket))
+            .await
+        {
+            Ok((message, from)) => {
+                let Some((seq_no, data)) = parse_reply(&message, kind, ipv6) else {
                     continue;
                 };
                 let event = HostEvent::EchoReply {

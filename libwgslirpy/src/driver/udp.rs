@@ -149,13 +149,8 @@ fn recv_exact(socket: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr)> {
     let (n, from) = recvfrom::<SockaddrStorage>(fd, &mut payload)?;
     payload.truncate(n);
     let from = from
-        .and_then(
-            |addr| match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-                (Some(v4), _) => Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4))),
-                (_, Some(v6)) => Some(SocketAddr::from(std::net::SocketAddrV6::from(*v6))),
-                _ => None,
-            },
-        )
+        .as_ref()
+        .and_then(socket_addr)
         .ok_or_else(|| io::Error::other("datagram without a source address"))?;
     Ok((payload, from))
 }
@@ -180,16 +175,7 @@ fn read_error_queue(socket: &UdpSocket) -> Vec<(SocketAddr, IcmpError)> {
         else {
             break;
         };
-        let dest = message.address.and_then(|address| {
-            address
-                .as_sockaddr_in()
-                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
-                .or_else(|| {
-                    address
-                        .as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
-                })
-        });
+        let dest = message.address.as_ref().and_then(socket_addr);
         let Ok(control_messages) = message.cmsgs() else {
             continue;
         };
@@ -223,4 +209,13 @@ fn read_error_queue(socket: &UdpSocket) -> Vec<(SocketAddr, IcmpError)> {
         }
     }
     errors
+}
+
+/// The IP socket address in `addr`, if it holds one.
+pub(super) fn socket_addr(addr: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+        (Some(v4), _) => Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4))),
+        (_, Some(v6)) => Some(SocketAddr::from(std::net::SocketAddrV6::from(*v6))),
+        _ => None,
+    }
 }
