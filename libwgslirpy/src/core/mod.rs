@@ -17,16 +17,19 @@
 //!   deadline ([`Router::poll_timeout`]);
 //! - **getters**: [`Router::stats`], [`Router::occupancy`].
 //!
-//! After each input, drain `poll_socket_action` and `poll_transmit` until
-//! they return `None`, then re-arm the timer from `poll_timeout`. Each input
-//! produces a bounded number of outputs, so draining after every input keeps
-//! the queues short. Packets for peers are held in a queue bounded by the
-//! transmit queue capacity; beyond it they are dropped and counted.
+//! After each input, drain `poll_socket_action` until it returns `None`,
+//! take packets from `poll_transmit` while the tunnel has room for them
+//! ([`Router::has_transmit`] says whether more are waiting: TCP segments are
+//! made only when asked for, so TCP is paced by the tunnel), then re-arm the
+//! timer from `poll_timeout`. Each input produces a bounded number of
+//! outputs. Packets for peers wait in a queue bounded by the transmit queue
+//! capacity; beyond it they are dropped and counted.
 //!
 //! ## What it handles
 //! - ICMP/ICMPv6 echo: answered for the pingable addresses, forwarded
 //!   through host ping sockets otherwise ([`icmp`]);
-//! - UDP to the `-D` address and port: the DNS server ([`dns`]);
+//! - UDP and TCP to the `-D` address and port: the DNS server ([`dns`],
+//!   [`dns_tcp`]);
 //! - TCP, terminated here and relayed over host sockets ([`tcp`]);
 //! - UDP, through endpoint-independent NAT ([`udp`]);
 //! - IP fragments: the peer's are reassembled, and packets for the peer
