@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "bench: needs root (network namespaces); run: sudo bench/run.sh" >&2
+  echo "bench: needs root (network namespaces): run bench/run.sh as root" >&2
   exit 1
 fi
 scripts/install-deps.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A self-contained demo of wgslirpy, run as root on Debian:
 #
-#   sudo scripts/demo.sh
+#   scripts/demo.sh        (as root)
 #
 # It builds three network namespaces on this machine and tears them down at
 # the end (also on Ctrl-C or error):
