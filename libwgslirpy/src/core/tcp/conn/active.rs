@@ -16,11 +16,10 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
-use super::{Alive, Conn, Ctx, Inbound, State};
+use super::{Alive, Conn, Ctx, State};
 use crate::core::SocketAction;
 use crate::core::packet::{self, TcpSegment};
 use crate::core::tcp::Settings;
-use crate::core::tcp::seq::Rto;
 
 impl Conn {
     /// A connection that we open toward the peer, with our initial
@@ -34,48 +33,16 @@ impl Conn {
     ) -> Self {
         let mss = our_mss.max(64);
         Conn {
-            state: State::SynSent { since: now },
-            last_activity: now,
-            irs: 0,
-            rcv_nxt: 0,
-            unwritten: 0,
-            ooo: Vec::new(),
-            ooo_fin: None,
-            inbound: Inbound::Open,
-            adv_edge: 0,
-            ack_due: false,
             // Offered in our SYN; kept only if the SYN-ACK offers it too.
             wscale_ok: true,
-            our_wscale: settings.wscale,
-            iss,
-            snd_una: iss,
-            snd_nxt: iss,
-            snd_max: iss,
-            snd_wnd: 0,
-            snd_wl1: 0,
-            snd_wl2: iss,
-            peer_wscale: 0,
-            mss,
-            send_buf: Default::default(),
-            credit: 0,
-            host_eof: false,
-            fin_acked: false,
-            closed_first: false,
-            peer_done: false,
-            syn_ack_due: false,
             syn_due: true,
-            probe: false,
-            rto: Rto::new(),
-            rto_at: None,
-            retries: 0,
-            rtt_probe: None,
-            dupacks: 0,
-            recover: None,
-            retransmit_one: false,
-            cwnd: 10 * mss,
-            ssthresh: u32::MAX,
-            queued: false,
-            indexed: None,
+            ..Conn::opening(
+                State::SynSent { since: now },
+                now,
+                iss,
+                mss,
+                settings.wscale,
+            )
         }
     }
 

@@ -192,26 +192,41 @@ impl Conn {
             .max(64);
         let rcv_nxt = syn.seq.wrapping_add(1);
         Conn {
-            state: State::Connecting { since: now },
-            last_activity: now,
             irs: syn.seq,
             rcv_nxt,
+            adv_edge: rcv_nxt,
+            wscale_ok: syn.wscale.is_some(),
+            snd_wnd: u32::from(syn.window),
+            snd_wl1: syn.seq,
+            peer_wscale,
+            ..Conn::opening(State::Connecting { since: now }, now, iss, mss, our_wscale)
+        }
+    }
+
+    /// A connection in `state` that has sent and received nothing yet: what
+    /// opening toward the peer and opening for the peer's SYN share.
+    fn opening(state: State, now: Instant, iss: u32, mss: u32, our_wscale: u8) -> Self {
+        Conn {
+            state,
+            last_activity: now,
+            irs: 0,
+            rcv_nxt: 0,
             unwritten: 0,
             ooo: Vec::new(),
             ooo_fin: None,
             inbound: Inbound::Open,
-            adv_edge: rcv_nxt,
+            adv_edge: 0,
             ack_due: false,
-            wscale_ok: syn.wscale.is_some(),
+            wscale_ok: false,
             our_wscale,
             iss,
             snd_una: iss,
             snd_nxt: iss,
             snd_max: iss,
-            snd_wnd: u32::from(syn.window),
-            snd_wl1: syn.seq,
+            snd_wnd: 0,
+            snd_wl1: 0,
             snd_wl2: iss,
-            peer_wscale,
+            peer_wscale: 0,
             mss,
             send_buf: VecDeque::new(),
             credit: 0,
