@@ -107,17 +107,8 @@ fn config() -> Config {
 }
 
 fn assert_within_limits(router: &Router, config: &Config) {
-    let o = router.occupancy();
-    assert!(o.udp_flows <= config.max_udp_flows, "{o:?}");
-    assert!(o.tcp_connections <= config.max_tcp_connections, "{o:?}");
-    assert!(
-        o.tcp_pending_connects <= config.max_tcp_pending_connects,
-        "{o:?}"
-    );
-    assert!(o.icmp_ids <= config.max_icmp_ids, "{o:?}");
-    assert!(o.dns_queries <= config.max_dns_queries, "{o:?}");
-    assert!(o.reassembly_bytes <= config.max_reassembly_bytes, "{o:?}");
-    assert!(o.transmit_queue <= config.transmit_queue_capacity, "{o:?}");
+    let occupancy = router.occupancy();
+    assert!(occupancy.within(config), "{occupancy:?}");
 }
 
 /// `Router::handle_packet` with one arbitrary packet, then a timeout.

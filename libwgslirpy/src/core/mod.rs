@@ -331,6 +331,19 @@ pub struct Occupancy {
     pub transmit_queue: usize,
 }
 
+impl Occupancy {
+    /// Whether every table is within its limit in `config`.
+    pub fn within(&self, config: &Config) -> bool {
+        self.udp_flows <= config.max_udp_flows
+            && self.tcp_connections <= config.max_tcp_connections
+            && self.tcp_pending_connects <= config.max_tcp_pending_connects
+            && self.icmp_ids <= config.max_icmp_ids
+            && self.dns_queries <= config.max_dns_queries
+            && self.reassembly_bytes <= config.max_reassembly_bytes
+            && self.transmit_queue <= config.transmit_queue_capacity
+    }
+}
+
 /// The router state machine. See the module documentation.
 pub struct Router {
     mtu: usize,
