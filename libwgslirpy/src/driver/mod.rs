@@ -341,6 +341,38 @@ impl Driver {
 
     /// Carries out every pending output of the router.
     fn drain(&mut self) -> Result<(), RunError> {
+        loop {
+            self.carry_out_socket_actions();
+            // TCP bytes queued by those actions, written in one go per flow;
+            // the core's answer (ACKs, more actions) goes round again.
+            let mut wrote = false;
+            let router = &mut self.router;
+            self.tcp.flush_writes(|flow, n| {
+                router.handle_tcp_written(Instant::now(), flow, n);
+                wrote = true;
+            });
+            if !wrote {
+                break;
+            }
+        }
+        // Packets wait in the router's bounded queue until the tunnel has
+        // room; the router drops (and counts) what does not fit there.
+        loop {
+            let permit = match self.tunnel.outgoing.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => return Err(RunError::TunnelClosed),
+            };
+            let Some(packet) = self.router.poll_transmit() else {
+                break;
+            };
+            permit.send(packet);
+        }
+        Ok(())
+    }
+
+    /// Carries out the router's socket actions.
+    fn carry_out_socket_actions(&mut self) {
         while let Some(action) = self.router.poll_socket_action() {
             match action {
                 SocketAction::UdpOpen { flow, ipv6 } => {
@@ -389,20 +421,6 @@ impl Driver {
                 } => self.udp_forwards.send(forward, to, &payload),
             }
         }
-        // Packets wait in the router's bounded queue until the tunnel has
-        // room; the router drops (and counts) what does not fit there.
-        loop {
-            let permit = match self.tunnel.outgoing.try_reserve() {
-                Ok(permit) => permit,
-                Err(mpsc::error::TrySendError::Full(())) => break,
-                Err(mpsc::error::TrySendError::Closed(())) => return Err(RunError::TunnelClosed),
-            };
-            let Some(packet) = self.router.poll_transmit() else {
-                break;
-            };
-            permit.send(packet);
-        }
-        Ok(())
     }
 }
 

@@ -5,8 +5,12 @@
 //! of descriptors is known at once (and answered with a RST); the flow's
 //! task then waits for the connect, and afterwards moves bytes both ways:
 //! - writes: the router task appends the core's [`SocketAction::TcpWrite`]
-//!   bytes to the flow's pending list and wakes the task, which writes
-//!   (vectored) whatever the socket takes and reports it;
+//!   bytes to the flow's pending list and, once the router's outputs are
+//!   drained, writes them itself ([`TcpSockets::flush_writes`]): one
+//!   vectored, non-blocking write per flow per batch, reported to the core at
+//!   once. Only what the socket does not take wakes the flow's task, which
+//!   waits for room, writes the rest and reports it. Both write from the one
+//!   pending list under its lock, so the byte order holds;
 //! - reads: the core grants credit ([`SocketAction::TcpRead`]); the task
 //!   reads only while it has credit, so a slow peer leaves the bytes in the
 //!   kernel and the host's sender blocks.
@@ -82,6 +86,9 @@ impl Drop for FlowSocket {
 /// The open TCP sockets, by flow.
 pub(super) struct TcpSockets {
     sockets: HashMap<FlowId, FlowSocket>,
+    /// Flows whose pending list went from empty to not empty since the last
+    /// [`TcpSockets::flush_writes`].
+    unflushed: Vec<FlowId>,
     events: mpsc::Sender<HostEvent>,
     no_socket_log: Option<Instant>,
     no_socket_count: u64,
@@ -91,6 +98,7 @@ impl TcpSockets {
     pub(super) fn new(events: mpsc::Sender<HostEvent>) -> Self {
         TcpSockets {
             sockets: HashMap::new(),
+            unflushed: Vec::new(),
             events,
             no_socket_log: None,
             no_socket_count: 0,
@@ -164,10 +172,45 @@ impl TcpSockets {
         }
     }
 
-    /// Queues `data` for the socket of `flow`.
+    /// Queues `data` for the socket of `flow`; [`TcpSockets::flush_writes`]
+    /// writes it.
     pub(super) fn write(&mut self, flow: FlowId, data: Bytes) {
-        if let Some(socket) = self.sockets.get(&flow) {
-            socket.shared.update(|s| s.pending.push_back(data));
+        let Some(socket) = self.sockets.get(&flow) else {
+            return;
+        };
+        let Ok(mut state) = socket.shared.state.lock() else {
+            return;
+        };
+        if state.pending.is_empty() {
+            self.unflushed.push(flow);
+        }
+        state.pending.push_back(data);
+    }
+
+    /// Writes what [`TcpSockets::write`] queued, as far as each socket takes
+    /// it without blocking, and calls `written` with each flow's count. The
+    /// flow's task waits for room for the rest.
+    pub(super) fn flush_writes(&mut self, mut written: impl FnMut(FlowId, usize)) {
+        for flow in self.unflushed.drain(..) {
+            let Some(socket) = self.sockets.get(&flow) else {
+                continue;
+            };
+            match write_some(&socket.stream, &socket.shared) {
+                Ok(Some(Io::Written(n))) => written(flow, n),
+                Ok(_) => {}
+                // The task meets the same error at its next write and reports it.
+                Err(error) => tracing::trace!(flow = flow.0, %error, "TCP write failed"),
+            }
+            // The task waits for room for whatever is left, and does a
+            // shutdown that may now be due.
+            let task_has_work = socket
+                .shared
+                .state
+                .lock()
+                .is_ok_and(|state| state.shutdown || !state.pending.is_empty());
+            if task_has_work {
+                socket.shared.notify.notify_one();
+            }
         }
     }
 
@@ -360,13 +403,13 @@ fn write_some(stream: &TcpStream, shared: &Shared) -> io::Result<Option<Io>> {
     };
     let mut total = 0;
     while !state.pending.is_empty() {
-        let slices: Vec<IoSlice<'_>> = state
-            .pending
-            .iter()
-            .take(MAX_IOV)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = match stream.try_write_vectored(&slices) {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, bytes) in slices.iter_mut().zip(&state.pending) {
+            *slot = IoSlice::new(bytes);
+            count += 1;
+        }
+        let mut n = match stream.try_write_vectored(&slices[..count]) {
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
             Err(error) => return Err(error),
