@@ -558,7 +558,7 @@ def measure_iperf(topo, seconds, res, log):
                     "-P", str(streams)] + (["-R"] if reverse else [])
             cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
             perf = None
-            if topo.perf and topo.kind == "ours" and key == "up4":
+            if topo.perf and topo.kind == "ours" and streams == 4:
                 data = os.path.join(topo.log_dir, "perf-%s.data" % key)
                 perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data,
                                          "-p", str(pid), "--", "sleep", str(seconds)],
@@ -709,10 +709,10 @@ def report(ours, base, args, started):
     for key in ("up1", "up4", "down1", "down4"):
         lines.append("| %s | %s | %s |" % (key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
                                            fmt(base.get(key + "_peer_cpu_per_gb"), ".2f")))
-    if ours.get("perf_top_up4"):
-        lines += ["", "perf, wgslirpy during the 4-stream upload (self time by object, then by symbol "
-                  ">= 1%):", "",
-                  "```"] + ours["perf_top_up4"] + ["```"]
+    for key, what in (("up4", "upload"), ("down4", "download")):
+        if ours.get("perf_top_" + key):
+            lines += ["", "perf, wgslirpy during the 4-stream %s (self time by object, then by "
+                      "symbol >= 1%%):" % what, "", "```"] + ours["perf_top_" + key] + ["```"]
     lines += ["", "Raw results:", "", "```json",
               json.dumps({"ours": ours, "baseline": base}, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
@@ -725,7 +725,7 @@ def orchestrate(argv):
                     help="extra wgslirpy argument (repeatable)")
     ap.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     ap.add_argument("--perf", action="store_true",
-                    help="profile wgslirpy with perf during the 4-stream upload")
+                    help="profile wgslirpy with perf during the 4-stream upload and download")
     ap.add_argument("--only", choices=["ours", "baseline"], help="measure one gateway only")
     ap.add_argument("--out", help="results file (default bench/results/<date>-<commit>.md)")
     args = ap.parse_args(argv)
