@@ -156,3 +156,33 @@ fn spoofed_inner_source_is_dropped() {
     }
     assert!(rig.gateway_alive());
 }
+
+#[test]
+fn address_the_host_gains_later_is_denied_within_seconds() {
+    let Some(mut rig) = Rig::builder("policy_new_address")
+        .udp_echo()
+        .defer_gateway()
+        .start()
+    else {
+        return;
+    };
+    echo_on_gateway_host(&mut rig);
+    rig.start_gateway();
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    // An address from TEST-NET-3 that the gateway host takes only now: until the
+    // gateway lists its addresses again, it is an ordinary destination.
+    let gained: IpAddr = "203.0.113.7".parse().unwrap();
+    rig.gw
+        .ok(&["ip", "addr", "add", "203.0.113.7/32", "dev", "lo"]);
+    let service = SocketAddr::new(gained, 7);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while udp_echo(&rig, service, b"new address").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never denied the host's new address"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let internet = SocketAddr::new(INET_V4.into(), UDP_ECHO_PORT);
+    assert!(udp_echo(&rig, internet, b"hello").is_some());
+}

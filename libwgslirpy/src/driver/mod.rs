@@ -50,6 +50,9 @@ use crate::tunnel::{self, TunnelError, TunnelHandle};
 const TUNNEL_BATCH: usize = 64;
 /// Most host events taken in one wake-up.
 const EVENT_BATCH: usize = 64;
+/// How often the host's own addresses are listed again, so that an address
+/// the host gains later (DHCP, a new interface) is denied too.
+const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +132,6 @@ fn host_addresses() -> Vec<std::net::IpAddr> {
             }
         })
         .collect();
-    tracing::debug!(?addresses, "the host's own addresses, denied by default");
     addresses
 }
 
@@ -197,6 +199,8 @@ struct Driver {
     /// Owned only so that the accepting tasks stop with the driver.
     _tcp_forwards: forward::TcpForwards,
     events: mpsc::Receiver<HostEvent>,
+    /// The host's own addresses as last told to the router.
+    host_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Driver {
@@ -209,10 +213,8 @@ impl Driver {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
         udp_forwards.start(&events_tx);
         tcp_forwards.start(&events_tx);
-        let mut router = Router::new(config);
-        router.set_host_addresses(&host_addresses());
-        Driver {
-            router,
+        let mut driver = Driver {
+            router: Router::new(config),
             tunnel,
             dns: dns::DnsDriver::new(config, events_tx.clone()),
             tcp: tcp::TcpSockets::new(events_tx.clone()),
@@ -221,11 +223,30 @@ impl Driver {
             udp_forwards,
             _tcp_forwards: tcp_forwards,
             events,
+            host_addresses: Vec::new(),
+        };
+        driver.check_host_addresses();
+        driver
+    }
+
+    /// Tells the router the host's own addresses if they changed.
+    fn check_host_addresses(&mut self) {
+        let mut addresses = host_addresses();
+        addresses.sort_unstable();
+        addresses.dedup();
+        if addresses != self.host_addresses {
+            tracing::debug!(?addresses, "the host's own addresses, denied by default");
+            self.router.set_host_addresses(&addresses);
+            self.host_addresses = addresses;
         }
     }
 
     async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         tokio::pin!(shutdown);
+        let mut host_check = tokio::time::interval(HOST_ADDRESS_CHECK);
+        host_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the addresses were listed at startup.
+        host_check.reset();
         loop {
             let deadline = self.router.poll_timeout();
             // A handle of its own, so that waiting for room borrows nothing of `self`.
@@ -265,6 +286,7 @@ impl Driver {
                     }
                 }
                 () = timer => self.router.handle_timeout(Instant::now()),
+                _ = host_check.tick() => self.check_host_addresses(),
             }
             self.drain()?;
         }
