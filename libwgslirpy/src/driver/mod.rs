@@ -412,12 +412,16 @@ impl Driver {
                 SocketAction::DnsResolve { query, name } => self.dns.resolve(query, name),
                 SocketAction::DnsForward { query, message } => self.dns.forward(query, message),
                 SocketAction::DnsCancel { query } => self.dns.cancel(query),
-                SocketAction::TcpConnect { flow, dest } => {
-                    if let Err(error) = self.tcp.connect(flow, dest) {
+                SocketAction::TcpConnect { flow, dest } => match self.tcp.connect(flow, dest) {
+                    Ok(tcp::Connect::Connected) => {
+                        self.router.handle_tcp_connected(Instant::now(), flow);
+                    }
+                    Ok(tcp::Connect::Pending) => {}
+                    Err(error) => {
                         self.router
                             .handle_tcp_connect_failed(Instant::now(), flow, error);
                     }
-                }
+                },
                 SocketAction::TcpWrite { flow, data } => self.tcp.write(flow, data),
                 SocketAction::TcpRead { flow, max } => self.tcp.read(flow, max),
                 SocketAction::TcpShutdownWrite { flow } => self.tcp.shutdown_write(flow),

@@ -106,8 +106,14 @@ impl TcpSockets {
     }
 
     /// Makes the socket of `flow` and starts connecting it to `dest`. An
-    /// error means there is no socket; the flow's task reports the rest.
-    pub(super) fn connect(&mut self, flow: FlowId, dest: SocketAddr) -> Result<(), ConnectError> {
+    /// error means there is no socket. `Connected` means the connect has
+    /// finished already (a destination on this host answers within the
+    /// `connect()` call); otherwise the flow's task reports the outcome.
+    pub(super) fn connect(
+        &mut self,
+        flow: FlowId,
+        dest: SocketAddr,
+    ) -> Result<Connect, ConnectError> {
         let stream = match start_connect(dest) {
             Ok(stream) => Arc::new(stream),
             Err(error) => {
@@ -120,8 +126,14 @@ impl TcpSockets {
                 return Err(kind);
             }
         };
-        self.start(flow, stream, true);
-        Ok(())
+        // Connected if the peer's address is known and no error is pending.
+        let connected = stream.peer_addr().is_ok() && matches!(stream.take_error(), Ok(None));
+        self.start(flow, stream, !connected);
+        Ok(if connected {
+            Connect::Connected
+        } else {
+            Connect::Pending
+        })
     }
 
     /// Takes over `stream`, accepted on a reverse forward's HOST socket, as
@@ -239,6 +251,15 @@ impl TcpSockets {
             let _ = SockRef::from(&*socket.stream).set_linger(Some(Duration::ZERO));
         }
     }
+}
+
+/// How far a connect got within the `connect()` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Connect {
+    /// Connected already: tell the router now.
+    Connected,
+    /// Still going: the flow's task reports the outcome.
+    Pending,
 }
 
 /// Closes `stream` with a RST (`SO_LINGER` 0): a connection the router
@@ -432,4 +453,30 @@ fn write_some(stream: &TcpStream, shared: &Shared) -> io::Result<Option<Io>> {
         state.pending = VecDeque::new();
     }
     Ok((total > 0).then_some(Io::Written(total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination on this host answers within `connect()`, so the router
+    /// hears of it without a round trip through the flow's task; a refused
+    /// one is left to the task, which reports it.
+    #[tokio::test]
+    async fn local_connect_finishes_within_the_call() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let (events, mut reports) = mpsc::channel(4);
+        let mut sockets = TcpSockets::new(events);
+        assert_eq!(sockets.connect(FlowId(1), open), Ok(Connect::Connected));
+
+        drop(listener);
+        assert_eq!(sockets.connect(FlowId(2), open), Ok(Connect::Pending));
+        match reports.recv().await {
+            Some(HostEvent::TcpConnectFailed { flow, error }) => {
+                assert_eq!((flow, error), (FlowId(2), ConnectError::Refused));
+            }
+            other => panic!("expected a refused connect, got {other:?}"),
+        }
+    }
 }
