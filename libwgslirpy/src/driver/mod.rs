@@ -17,12 +17,14 @@
 //! DNS lookups and forwarded queries run in their own tasks ([`dns`]) and
 //! report on the same channel.
 //!
-//! Each TCP connection has a socket and a task ([`tcp`]) that report on the
-//! same channel too. TCP data segments are made by the router only when the
-//! tunnel has room (the loop waits for room while the router has something
-//! to send), so TCP toward the peers is paced by the tunnel, not dropped.
-//! Events are taken in batches, like tunnel packets, so neither side starves
-//! the other.
+//! TCP sockets ([`tcp`]) have no task and no channel: the reactor marks a
+//! ready socket's flow due and wakes this task, which services due sockets
+//! in place after every wake-up (connect, write, read within credit) and
+//! feeds the outcomes straight to the router. TCP data segments are made by
+//! the router only when the tunnel has room (the loop waits for room while
+//! the router has something to send), so TCP toward the peers is paced by
+//! the tunnel, not dropped. Events are taken in batches, like tunnel
+//! packets, so neither side starves the other.
 //!
 //! Reverse forwards ([`forward`]) listen on their HOST sockets from startup:
 //! `-u` datagrams and `-t` accepted connections reach the router as events
@@ -42,14 +44,17 @@ use tokio::sync::mpsc;
 
 use crate::Config;
 use crate::config::ConfigError;
-use crate::core::{ConnectError, DnsOutcome, DnsQueryId, FlowId, Router, SocketAction};
+use crate::core::{DnsOutcome, DnsQueryId, FlowId, Router, SocketAction};
 use crate::tunnel::{self, TunnelError, TunnelHandle};
+use tcp::TcpEvent;
 
 /// Most packets taken from the tunnel in one wake-up before other inputs get
 /// a turn.
 const TUNNEL_BATCH: usize = 64;
 /// Most host events taken in one wake-up.
 const EVENT_BATCH: usize = 64;
+/// Most rounds of TCP socket service in one wake-up.
+const TCP_ROUNDS: usize = 8;
 /// How often the host's own addresses are listed again, so that an address
 /// the host gains later (DHCP, a new interface) is denied too.
 const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
@@ -149,18 +154,6 @@ enum HostEvent {
         query: DnsQueryId,
         outcome: DnsOutcome,
     },
-    /// A TCP connect succeeded.
-    TcpConnected { flow: FlowId },
-    /// A TCP connect failed; the task has ended.
-    TcpConnectFailed { flow: FlowId, error: ConnectError },
-    /// Bytes read from a TCP socket, within its credit.
-    TcpData { flow: FlowId, data: bytes::Bytes },
-    /// A TCP socket reached end of stream.
-    TcpEof { flow: FlowId },
-    /// A TCP socket took `n` more pending bytes.
-    TcpWritten { flow: FlowId, n: usize },
-    /// A TCP socket failed or was reset; the task has ended.
-    TcpError { flow: FlowId },
     /// A destination of a flow's UDP socket answered with an ICMP error.
     UdpUnreachable {
         flow: FlowId,
@@ -217,7 +210,7 @@ impl Driver {
             router: Router::new(config),
             tunnel,
             dns: dns::DnsDriver::new(config, events_tx.clone()),
-            tcp: tcp::TcpSockets::new(events_tx.clone()),
+            tcp: tcp::TcpSockets::new(),
             udp: udp::UdpSockets::new(events_tx.clone()),
             echo: icmp::EchoSockets::new(events_tx),
             udp_forwards,
@@ -279,6 +272,8 @@ impl Driver {
                     self.handle_event(event);
                     self.drain_events(EVENT_BATCH - 1)?;
                 }
+                // `drain` below services the due TCP sockets.
+                () = std::future::poll_fn(|cx| self.tcp.poll_due(cx)) => {}
                 permit = outgoing.reserve(), if self.router.has_transmit() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     if let Some(packet) = self.router.poll_transmit() {
@@ -333,18 +328,6 @@ impl Driver {
                 Some(flow) => self.tcp.adopt(flow, stream),
                 None => tcp::reset(stream),
             },
-            HostEvent::TcpConnected { flow } => self.router.handle_tcp_connected(now, flow),
-            HostEvent::TcpConnectFailed { flow, error } => {
-                self.tcp.close(flow);
-                self.router.handle_tcp_connect_failed(now, flow, error);
-            }
-            HostEvent::TcpData { flow, data } => self.router.handle_tcp_data(now, flow, &data),
-            HostEvent::TcpEof { flow } => self.router.handle_tcp_eof(now, flow),
-            HostEvent::TcpWritten { flow, n } => self.router.handle_tcp_written(now, flow, n),
-            HostEvent::TcpError { flow } => {
-                self.tcp.close(flow);
-                self.router.handle_tcp_error(now, flow);
-            }
         }
     }
 
@@ -363,20 +346,28 @@ impl Driver {
 
     /// Carries out every pending output of the router.
     fn drain(&mut self) -> Result<(), RunError> {
-        loop {
+        // TCP sockets are serviced in place: what they report goes to the
+        // core, whose answer (ACKs, more actions) goes round again. Flows
+        // still due after the last round keep `Tcp::poll_due` ready.
+        for _ in 0..TCP_ROUNDS {
             self.carry_out_socket_actions();
-            // TCP bytes queued by those actions, written in one go per flow;
-            // the core's answer (ACKs, more actions) goes round again.
-            let mut wrote = false;
+            let now = Instant::now();
             let router = &mut self.router;
-            self.tcp.flush_writes(|flow, n| {
-                router.handle_tcp_written(Instant::now(), flow, n);
-                wrote = true;
+            let serviced = self.tcp.service(|flow, event| match event {
+                TcpEvent::Connected => router.handle_tcp_connected(now, flow),
+                TcpEvent::ConnectFailed(error) => {
+                    router.handle_tcp_connect_failed(now, flow, error);
+                }
+                TcpEvent::Data(data) => router.handle_tcp_data(now, flow, data),
+                TcpEvent::Eof => router.handle_tcp_eof(now, flow),
+                TcpEvent::Written(n) => router.handle_tcp_written(now, flow, n),
+                TcpEvent::Error => router.handle_tcp_error(now, flow),
             });
-            if !wrote {
+            if !serviced {
                 break;
             }
         }
+        self.carry_out_socket_actions();
         // Packets wait in the router's bounded queue until the tunnel has
         // room; the router drops (and counts) what does not fit there.
         loop {

@@ -1,105 +1,155 @@
 //! Host TCP sockets for the router's TCP connections.
 //!
-//! Each connection has one socket and one task. The router task makes the
-//! socket and starts a non-blocking `connect()` itself, so that running out
-//! of descriptors is known at once (and answered with a RST); the flow's
-//! task then waits for the connect, and afterwards moves bytes both ways:
-//! - writes: the router task appends the core's [`SocketAction::TcpWrite`]
-//!   bytes to the flow's pending list and, once the router's outputs are
-//!   drained, writes them itself ([`TcpSockets::flush_writes`]): one
-//!   vectored, non-blocking write per flow per batch, reported to the core at
-//!   once. Only what the socket does not take wakes the flow's task, which
-//!   waits for room, writes the rest and reports it. Both write from the one
-//!   pending list under its lock, so the byte order holds;
-//! - reads: the core grants credit ([`SocketAction::TcpRead`]); the task
-//!   reads only while it has credit, so a slow peer leaves the bytes in the
-//!   kernel and the host's sender blocks.
+//! The router task does every TCP socket call itself; there is no task per
+//! connection. Each socket has a waker of its own ([`FlowWaker`]) that
+//! tokio's reactor calls when the socket turns readable or writable: it
+//! puts the flow on a shared ready list and wakes the router task. The
+//! router task then *services* the flow ([`TcpSockets::service`]), without
+//! blocking: it finishes a connect, writes the pending bytes (vectored), and
+//! reads within the credit, reporting each outcome to the core at once. A
+//! flow is also serviced right after the core asked something of it (bytes
+//! to write, more credit, a shutdown), so a write goes out in the same
+//! wake-up that received it from the peer.
 //!
-//! The router task never waits here: it only locks a flow's small shared
-//! state for a moment and notifies. The tasks wait, each for itself, on the
-//! shared bounded event channel. Memory per flow is what the core allows
-//! (`--tcp-buffer-size` each way); an idle flow holds no buffer.
+//! Why not a task per socket: every hand-off between the router task and a
+//! flow's task was a wake-up, often of another thread, and an event on a
+//! channel. Servicing sockets in place removes both from the per-segment
+//! path, and an idle connection costs a socket, its registration and a small
+//! entry here, with no task and no buffer.
 //!
-//! [`SocketAction::TcpWrite`]: crate::core::SocketAction::TcpWrite
+//! - Writes: what the socket does not take stays in the flow's pending list
+//!   (bounded by the core's `--tcp-buffer-size`), and the flow waits for
+//!   writability.
+//! - Reads: only while the core has granted credit
+//!   ([`SocketAction::TcpRead`]), so a slow peer leaves the bytes in the
+//!   kernel and the host's sender blocks. One read of at most [`MAX_READ`]
+//!   bytes per flow per service, into one buffer shared by all flows, so a
+//!   busy flow cannot starve the others and reading allocates nothing.
+//!
 //! [`SocketAction::TcpRead`]: crate::core::SocketAction::TcpRead
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use bytes::{Buf as _, Bytes};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
 
-use super::HostEvent;
 use crate::core::{ConnectError, FlowId};
 
-/// Most bytes read in one go.
+/// Most bytes read from one socket in one service.
 const MAX_READ: usize = 64 * 1024;
 /// Most buffers written in one vectored write.
 const MAX_IOV: usize = 64;
 /// At most one "out of sockets" line per this long.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// What the router task and a flow's task share.
+/// What servicing a flow found, for the core.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TcpEvent<'a> {
+    /// The connect finished.
+    Connected,
+    /// The connect failed; the socket is gone.
+    ConnectFailed(ConnectError),
+    /// Bytes read, within the credit.
+    Data(&'a [u8]),
+    /// The host side shut down its writing.
+    Eof,
+    /// The socket took this many more pending bytes.
+    Written(usize),
+    /// The socket failed or was reset; it is gone.
+    Error,
+}
+
+/// Flows that tokio's reactor found ready, and the router task's waker.
 #[derive(Default)]
-struct Shared {
-    state: Mutex<FlowState>,
-    notify: Notify,
+struct ReadyList {
+    state: Mutex<ReadyState>,
 }
 
 #[derive(Default)]
-struct FlowState {
+struct ReadyState {
+    flows: Vec<FlowId>,
+    waker: Option<Waker>,
+}
+
+impl ReadyList {
+    fn push(&self, flow: FlowId) {
+        let waker = match self.state.lock() {
+            Ok(mut state) => {
+                state.flows.push(flow);
+                state.waker.take()
+            }
+            Err(_) => None,
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The waker tokio's reactor calls for one flow's socket. It queues the
+/// flow at most once until the router task services it.
+struct FlowWaker {
+    flow: FlowId,
+    queued: AtomicBool,
+    ready: Arc<ReadyList>,
+}
+
+impl Wake for FlowWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.ready.push(self.flow);
+        }
+    }
+}
+
+/// One connection's socket and what the core asked of it.
+struct Flow {
+    stream: TcpStream,
+    flow_waker: Arc<FlowWaker>,
+    waker: Waker,
+    connecting: bool,
     /// Bytes to write, in order.
     pending: VecDeque<Bytes>,
-    /// Bytes the task may still read.
+    /// Bytes the core lets us read.
     credit: usize,
+    /// False once the host side's end of stream was read.
+    reading: bool,
     /// `shutdown(Write)` once `pending` is empty.
     shutdown: bool,
 }
 
-impl Shared {
-    fn update(&self, f: impl FnOnce(&mut FlowState)) {
-        if let Ok(mut state) = self.state.lock() {
-            f(&mut state);
-        }
-        self.notify.notify_one();
-    }
-}
-
-struct FlowSocket {
-    stream: Arc<TcpStream>,
-    shared: Arc<Shared>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FlowSocket {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// The open TCP sockets, by flow.
 pub(super) struct TcpSockets {
-    sockets: HashMap<FlowId, FlowSocket>,
-    /// Flows whose pending list went from empty to not empty since the last
-    /// [`TcpSockets::flush_writes`].
-    unflushed: Vec<FlowId>,
-    events: mpsc::Sender<HostEvent>,
+    flows: HashMap<FlowId, Flow>,
+    ready: Arc<ReadyList>,
+    /// Flows to service next.
+    due: Vec<FlowId>,
+    /// The flows being serviced; kept to reuse its allocation.
+    servicing: Vec<FlowId>,
+    read_buf: Box<[u8]>,
     no_socket_log: Option<Instant>,
     no_socket_count: u64,
 }
 
 impl TcpSockets {
-    pub(super) fn new(events: mpsc::Sender<HostEvent>) -> Self {
+    pub(super) fn new() -> Self {
         TcpSockets {
-            sockets: HashMap::new(),
-            unflushed: Vec::new(),
-            events,
+            flows: HashMap::new(),
+            ready: Arc::default(),
+            due: Vec::new(),
+            servicing: Vec::new(),
+            read_buf: vec![0; MAX_READ].into_boxed_slice(),
             no_socket_log: None,
             no_socket_count: 0,
         }
@@ -108,14 +158,14 @@ impl TcpSockets {
     /// Makes the socket of `flow` and starts connecting it to `dest`. An
     /// error means there is no socket. `Connected` means the connect has
     /// finished already (a destination on this host answers within the
-    /// `connect()` call); otherwise the flow's task reports the outcome.
+    /// `connect()` call); otherwise servicing the flow reports the outcome.
     pub(super) fn connect(
         &mut self,
         flow: FlowId,
         dest: SocketAddr,
     ) -> Result<Connect, ConnectError> {
         let stream = match start_connect(dest) {
-            Ok(stream) => Arc::new(stream),
+            Ok(stream) => stream,
             Err(error) => {
                 let kind = classify(&error);
                 if kind == ConnectError::NoResources {
@@ -128,12 +178,14 @@ impl TcpSockets {
         };
         // Connected if the peer's address is known and no error is pending.
         let connected = stream.peer_addr().is_ok() && matches!(stream.take_error(), Ok(None));
-        self.start(flow, stream, !connected);
-        Ok(if connected {
-            Connect::Connected
+        self.insert(flow, stream, !connected);
+        if connected {
+            Ok(Connect::Connected)
         } else {
-            Connect::Pending
-        })
+            // Servicing it registers the wait for the connect.
+            self.due.push(flow);
+            Ok(Connect::Pending)
+        }
     }
 
     /// Takes over `stream`, accepted on a reverse forward's HOST socket, as
@@ -143,26 +195,27 @@ impl TcpSockets {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(flow = flow.0, %error, "cannot set TCP_NODELAY");
         }
-        self.start(flow, Arc::new(stream), false);
+        self.insert(flow, stream, false);
     }
 
-    /// Starts the task of `flow`, which first waits for the connect if
-    /// `connecting`.
-    fn start(&mut self, flow: FlowId, stream: Arc<TcpStream>, connecting: bool) {
-        let shared = Arc::new(Shared::default());
-        let task = tokio::spawn(run_flow(
+    fn insert(&mut self, flow: FlowId, stream: TcpStream, connecting: bool) {
+        let flow_waker = Arc::new(FlowWaker {
             flow,
-            stream.clone(),
-            shared.clone(),
-            self.events.clone(),
-            connecting,
-        ));
-        self.sockets.insert(
+            queued: AtomicBool::new(false),
+            ready: self.ready.clone(),
+        });
+        let waker = Waker::from(flow_waker.clone());
+        self.flows.insert(
             flow,
-            FlowSocket {
+            Flow {
                 stream,
-                shared,
-                task,
+                flow_waker,
+                waker,
+                connecting,
+                pending: VecDeque::new(),
+                credit: 0,
+                reading: true,
+                shutdown: false,
             },
         );
     }
@@ -184,72 +237,170 @@ impl TcpSockets {
         }
     }
 
-    /// Queues `data` for the socket of `flow`; [`TcpSockets::flush_writes`]
-    /// writes it.
+    /// Queues `data` for the socket of `flow`.
     pub(super) fn write(&mut self, flow: FlowId, data: Bytes) {
-        let Some(socket) = self.sockets.get(&flow) else {
-            return;
-        };
-        let Ok(mut state) = socket.shared.state.lock() else {
-            return;
-        };
-        if state.pending.is_empty() {
-            self.unflushed.push(flow);
-        }
-        state.pending.push_back(data);
-    }
-
-    /// Writes what [`TcpSockets::write`] queued, as far as each socket takes
-    /// it without blocking, and calls `written` with each flow's count. The
-    /// flow's task waits for room for the rest.
-    pub(super) fn flush_writes(&mut self, mut written: impl FnMut(FlowId, usize)) {
-        for flow in self.unflushed.drain(..) {
-            let Some(socket) = self.sockets.get(&flow) else {
-                continue;
-            };
-            match write_some(&socket.stream, &socket.shared) {
-                Ok(Some(Io::Written(n))) => written(flow, n),
-                Ok(_) => {}
-                // The task meets the same error at its next write and reports it.
-                Err(error) => tracing::trace!(flow = flow.0, %error, "TCP write failed"),
-            }
-            // The task waits for room for whatever is left, and does a
-            // shutdown that may now be due.
-            let task_has_work = socket
-                .shared
-                .state
-                .lock()
-                .is_ok_and(|state| state.shutdown || !state.pending.is_empty());
-            if task_has_work {
-                socket.shared.notify.notify_one();
-            }
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.pending.push_back(data);
+            self.due.push(flow);
         }
     }
 
     /// Lets the socket of `flow` read `max` more bytes.
     pub(super) fn read(&mut self, flow: FlowId, max: usize) {
-        if let Some(socket) = self.sockets.get(&flow) {
-            socket.shared.update(|s| s.credit += max);
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.credit += max;
+            self.due.push(flow);
         }
     }
 
     /// Half-closes the socket of `flow` once its pending bytes are written.
     pub(super) fn shutdown_write(&mut self, flow: FlowId) {
-        if let Some(socket) = self.sockets.get(&flow) {
-            socket.shared.update(|s| s.shutdown = true);
+        if let Some(f) = self.flows.get_mut(&flow) {
+            f.shutdown = true;
+            self.due.push(flow);
         }
     }
 
     /// Closes the socket of `flow`.
     pub(super) fn close(&mut self, flow: FlowId) {
-        self.sockets.remove(&flow);
+        self.flows.remove(&flow);
     }
 
     /// Closes the socket of `flow` with a RST.
     pub(super) fn abort(&mut self, flow: FlowId) {
-        if let Some(socket) = self.sockets.remove(&flow) {
-            let _ = SockRef::from(&*socket.stream).set_linger(Some(Duration::ZERO));
+        if let Some(f) = self.flows.remove(&flow) {
+            let _ = SockRef::from(&f.stream).set_linger(Some(Duration::ZERO));
         }
+    }
+
+    /// Ready when some flow is due for service: the reactor found its socket
+    /// ready, or the core asked something of it.
+    pub(super) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.take_ready();
+        if !self.due.is_empty() {
+            return Poll::Ready(());
+        }
+        let Ok(mut state) = self.ready.state.lock() else {
+            return Poll::Pending;
+        };
+        if !state.flows.is_empty() {
+            return Poll::Ready(());
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Moves the flows the reactor found ready to the due list.
+    fn take_ready(&mut self) {
+        if let Ok(mut state) = self.ready.state.lock() {
+            self.due.append(&mut state.flows);
+        }
+    }
+
+    /// Services every flow due now, once, and reports what happened with
+    /// `report`. Flows that become due meanwhile (through `report`'s calls
+    /// into the core, or a read that may have left more) wait for the next
+    /// call. Returns whether any flow was due.
+    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, TcpEvent<'_>)) -> bool {
+        self.take_ready();
+        if self.due.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut self.due, &mut self.servicing);
+        self.servicing.sort_unstable();
+        self.servicing.dedup();
+        let mut servicing = std::mem::take(&mut self.servicing);
+        for &flow in &servicing {
+            self.service_one(flow, &mut report);
+        }
+        servicing.clear();
+        self.servicing = servicing;
+        true
+    }
+
+    fn service_one(&mut self, flow: FlowId, report: &mut impl FnMut(FlowId, TcpEvent<'_>)) {
+        let Some(f) = self.flows.get_mut(&flow) else {
+            return;
+        };
+        // From here on a readiness queues the flow again.
+        f.flow_waker.queued.store(false, Ordering::Release);
+        let waker = f.waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        if f.connecting {
+            match poll_connect(&f.stream, &mut cx) {
+                Poll::Pending => return,
+                Poll::Ready(Ok(())) => {
+                    f.connecting = false;
+                    report(flow, TcpEvent::Connected);
+                }
+                Poll::Ready(Err(error)) => {
+                    tracing::debug!(flow = flow.0, %error, "TCP connect failed");
+                    self.flows.remove(&flow);
+                    report(flow, TcpEvent::ConnectFailed(classify(&error)));
+                    return;
+                }
+            }
+            // The core answers a connect with credit, which makes the flow
+            // due again.
+            return;
+        }
+        let result = Self::move_bytes(f, &mut cx, &mut self.read_buf, flow, &mut self.due, report);
+        if let Err(error) = result {
+            tracing::debug!(flow = flow.0, %error, "TCP socket error");
+            self.flows.remove(&flow);
+            report(flow, TcpEvent::Error);
+        }
+    }
+
+    /// Writes what is pending, shuts down if asked, and reads once within
+    /// the credit.
+    fn move_bytes(
+        f: &mut Flow,
+        cx: &mut Context<'_>,
+        read_buf: &mut [u8],
+        flow: FlowId,
+        due: &mut Vec<FlowId>,
+        report: &mut impl FnMut(FlowId, TcpEvent<'_>),
+    ) -> io::Result<()> {
+        if !f.pending.is_empty() {
+            let written = write_pending(&f.stream, &mut f.pending, cx)?;
+            if written > 0 {
+                report(flow, TcpEvent::Written(written));
+            }
+            if f.pending.is_empty() && f.pending.capacity() > 4 {
+                f.pending = VecDeque::new();
+            }
+        }
+        if f.shutdown && f.pending.is_empty() {
+            f.shutdown = false;
+            if let Err(error) = SockRef::from(&f.stream).shutdown(std::net::Shutdown::Write) {
+                tracing::debug!(flow = flow.0, %error, "TCP shutdown failed");
+            }
+        }
+        if f.reading && f.credit > 0 {
+            let max = f.credit.min(read_buf.len());
+            match read_once(&f.stream, &mut read_buf[..max], cx)? {
+                None => {}
+                Some(0) => {
+                    f.reading = false;
+                    report(flow, TcpEvent::Eof);
+                }
+                Some(n) => {
+                    f.credit -= n;
+                    // More may be waiting; the next service finds out
+                    // (and waits for readability if not).
+                    due.push(flow);
+                    report(flow, TcpEvent::Data(&read_buf[..n]));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -258,7 +409,7 @@ impl TcpSockets {
 pub(super) enum Connect {
     /// Connected already: tell the router now.
     Connected,
-    /// Still going: the flow's task reports the outcome.
+    /// Still going: servicing the flow reports the outcome.
     Pending,
 }
 
@@ -302,181 +453,156 @@ fn classify(error: &io::Error) -> ConnectError {
     }
 }
 
-/// Waits for the connect to finish.
-async fn finish_connect(stream: &TcpStream) -> io::Result<()> {
-    stream.writable().await?;
-    if let Some(error) = stream.take_error()? {
-        return Err(error);
-    }
-    stream.peer_addr().map(|_| ())
-}
-
-/// The life of one flow's socket: connect (if `connecting`), then move
-/// bytes until an error, or until the router closes the flow (which aborts
-/// this task).
-async fn run_flow(
-    flow: FlowId,
-    stream: Arc<TcpStream>,
-    shared: Arc<Shared>,
-    events: mpsc::Sender<HostEvent>,
-    connecting: bool,
-) {
-    // A socket accepted on a reverse forward is connected already.
-    if connecting && let Err(error) = finish_connect(&stream).await {
-        tracing::debug!(flow = flow.0, %error, "TCP connect failed");
-        let error = classify(&error);
-        let _ = events
-            .send(HostEvent::TcpConnectFailed { flow, error })
-            .await;
-        return;
-    }
-    if connecting && events.send(HostEvent::TcpConnected { flow }).await.is_err() {
-        return;
-    }
-    let mut reading = true;
-    loop {
-        let (want_read, want_write, shutdown) = match shared.state.lock() {
-            Ok(mut state) => {
-                let shutdown = state.shutdown && state.pending.is_empty();
-                if shutdown {
-                    state.shutdown = false;
-                }
-                (
-                    reading && state.credit > 0,
-                    !state.pending.is_empty(),
-                    shutdown,
-                )
-            }
-            Err(_) => return,
-        };
-        if shutdown {
-            if let Err(error) = SockRef::from(stream.as_ref()).shutdown(std::net::Shutdown::Write) {
-                tracing::debug!(flow = flow.0, %error, "TCP shutdown failed");
-            }
-            continue;
-        }
-        let event = tokio::select! {
-            () = shared.notify.notified() => None,
-            ready = stream.readable(), if want_read => Some(match ready {
-                Ok(()) => read_some(&stream, &shared),
-                Err(error) => Err(error),
-            }),
-            ready = stream.writable(), if want_write => Some(match ready {
-                Ok(()) => write_some(&stream, &shared),
-                Err(error) => Err(error),
-            }),
-        };
-        let event = match event {
-            None | Some(Ok(None)) => continue,
-            Some(Ok(Some(event))) => event,
-            Some(Err(error)) => {
-                tracing::debug!(flow = flow.0, %error, "TCP socket error");
-                let _ = events.send(HostEvent::TcpError { flow }).await;
-                return;
-            }
-        };
-        let event = match event {
-            Io::Read(data) if data.is_empty() => {
-                reading = false;
-                HostEvent::TcpEof { flow }
-            }
-            Io::Read(data) => HostEvent::TcpData { flow, data },
-            Io::Written(n) => HostEvent::TcpWritten { flow, n },
-        };
-        if events.send(event).await.is_err() {
-            return;
-        }
+/// Whether the connect has finished, and how; registers `cx` if not.
+fn poll_connect(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    match stream.poll_write_ready(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+        Poll::Ready(Ok(())) => Poll::Ready(match stream.take_error() {
+            Ok(Some(error)) | Err(error) => Err(error),
+            Ok(None) => stream.peer_addr().map(|_| ()),
+        }),
     }
 }
 
-/// What one readiness turned into.
-enum Io {
-    /// Bytes read; empty at end of stream.
-    Read(Bytes),
-    /// Bytes written.
-    Written(usize),
-}
-
-/// Reads within the credit. `None` if the readiness was spurious.
-fn read_some(stream: &TcpStream, shared: &Shared) -> io::Result<Option<Io>> {
-    let credit = shared.state.lock().map_or(0, |s| s.credit);
-    let max = credit.min(MAX_READ);
-    if max == 0 {
-        return Ok(None);
-    }
-    let mut buf = BytesMut::with_capacity(max);
-    match stream.try_read_buf(&mut (&mut buf).limit(max)) {
-        Ok(n) => {
-            if let Ok(mut state) = shared.state.lock() {
-                state.credit = state.credit.saturating_sub(n);
-            }
-            Ok(Some(Io::Read(buf.freeze())))
-        }
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(error) => Err(error),
-    }
-}
-
-/// Writes as much of the pending bytes as the socket takes.
-fn write_some(stream: &TcpStream, shared: &Shared) -> io::Result<Option<Io>> {
-    let Ok(mut state) = shared.state.lock() else {
-        return Ok(None);
-    };
+/// Writes as much of `pending` as the socket takes; registers `cx` for
+/// writability if some is left. Returns the bytes written.
+fn write_pending(
+    stream: &TcpStream,
+    pending: &mut VecDeque<Bytes>,
+    cx: &mut Context<'_>,
+) -> io::Result<usize> {
     let mut total = 0;
-    while !state.pending.is_empty() {
+    while !pending.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_IOV];
         let mut count = 0;
-        for (slot, bytes) in slices.iter_mut().zip(&state.pending) {
+        for (slot, bytes) in slices.iter_mut().zip(pending.iter()) {
             *slot = IoSlice::new(bytes);
             count += 1;
         }
         let mut n = match stream.try_write_vectored(&slices[..count]) {
             Ok(n) => n,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // Not writable any more: wait for room, unless it came back.
+                match stream.poll_write_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(error)) => return Err(error),
+                }
+            }
             Err(error) => return Err(error),
         };
         total += n;
         while n > 0 {
-            let Some(front) = state.pending.front_mut() else {
+            let Some(front) = pending.front_mut() else {
                 break;
             };
             if n >= front.len() {
                 n -= front.len();
-                state.pending.pop_front();
+                pending.pop_front();
             } else {
                 front.advance(n);
                 n = 0;
             }
         }
     }
-    if state.pending.is_empty() && state.pending.capacity() > 0 {
-        state.pending = VecDeque::new();
+    Ok(total)
+}
+
+/// Reads once into `buf`: `Some(0)` at end of stream, `None` if nothing is
+/// there now (and `cx` is registered for readability).
+fn read_once(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    cx: &mut Context<'_>,
+) -> io::Result<Option<usize>> {
+    loop {
+        match stream.try_read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                match stream.poll_read_ready(cx) {
+                    Poll::Pending => return Ok(None),
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(error)) => return Err(error),
+                }
+            }
+            Err(error) => return Err(error),
+        }
     }
-    Ok((total > 0).then_some(Io::Written(total)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Services the sockets until `want` events arrived, waiting for the
+    /// reactor in between.
+    async fn events(sockets: &mut TcpSockets, want: usize) -> Vec<(FlowId, String)> {
+        let mut seen = Vec::new();
+        while seen.len() < want {
+            std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
+            sockets.service(|flow, event| seen.push((flow, format!("{event:?}"))));
+        }
+        seen
+    }
+
     /// A destination on this host answers within `connect()`, so the router
-    /// hears of it without a round trip through the flow's task; a refused
-    /// one is left to the task, which reports it.
+    /// hears of it at once; a refused one is found by servicing the flow.
     #[tokio::test]
     async fn local_connect_finishes_within_the_call() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let open = listener.local_addr().unwrap();
-        let (events, mut reports) = mpsc::channel(4);
-        let mut sockets = TcpSockets::new(events);
+        let mut sockets = TcpSockets::new();
         assert_eq!(sockets.connect(FlowId(1), open), Ok(Connect::Connected));
 
         drop(listener);
         assert_eq!(sockets.connect(FlowId(2), open), Ok(Connect::Pending));
-        match reports.recv().await {
-            Some(HostEvent::TcpConnectFailed { flow, error }) => {
-                assert_eq!((flow, error), (FlowId(2), ConnectError::Refused));
-            }
-            other => panic!("expected a refused connect, got {other:?}"),
-        }
+        let seen = events(&mut sockets, 1).await;
+        assert_eq!(seen, [(FlowId(2), "ConnectFailed(Refused)".to_string())]);
+    }
+
+    /// Bytes go both ways, reads stay within the credit, and end of stream
+    /// and shutdown pass through.
+    #[tokio::test]
+    async fn bytes_move_within_credit_and_ends_pass_through() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sockets = TcpSockets::new();
+        let flow = FlowId(7);
+        assert_eq!(
+            sockets.connect(flow, listener.local_addr().unwrap()),
+            Ok(Connect::Connected)
+        );
+        let (mut server, _) = listener.accept().unwrap();
+
+        sockets.write(flow, Bytes::from_static(b"hello "));
+        sockets.write(flow, Bytes::from_static(b"world"));
+        sockets.shutdown_write(flow);
+        assert_eq!(
+            events(&mut sockets, 1).await,
+            [(flow, "Written(11)".into())]
+        );
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello world");
+
+        server.write_all(b"0123456789").unwrap();
+        drop(server);
+        sockets.read(flow, 4);
+        let seen = events(&mut sockets, 1).await;
+        assert_eq!(seen, [(flow, format!("{:?}", TcpEvent::Data(b"0123")))]);
+        // Nothing more is read without credit.
+        let mut more = Vec::new();
+        sockets.service(|flow, event| more.push(format!("{flow:?} {event:?}")));
+        assert!(more.is_empty(), "{more:?}");
+        sockets.read(flow, 100);
+        let seen = events(&mut sockets, 2).await;
+        assert_eq!(
+            seen,
+            [
+                (flow, format!("{:?}", TcpEvent::Data(b"456789"))),
+                (flow, "Eof".to_string())
+            ]
+        );
     }
 }
