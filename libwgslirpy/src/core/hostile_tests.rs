@@ -32,8 +32,12 @@ fn config() -> Config {
 }
 
 fn assert_within_limits(router: &Router, config: &Config) {
-    let occupancy = router.occupancy();
-    assert!(occupancy.within(config), "{occupancy:?}");
+    assert!(
+        router.within_limits(config),
+        "{:?} {:?}",
+        router.occupancy(),
+        router.peer_stats()
+    );
 }
 
 /// Drains the router as the driver does; returns how many outputs it made.
