@@ -52,14 +52,14 @@ fn drain(router: &mut Router) -> usize {
     n
 }
 
-fn dns_query(id: u16) -> Vec<u8> {
+pub(super) fn dns_query(id: u16) -> Vec<u8> {
     let mut m = id.to_be_bytes().to_vec();
     m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
     m.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
     m
 }
 
-fn echo_request(src: IpAddr, dst: IpAddr, ident: u16) -> BytesMut {
+pub(super) fn echo_request(src: IpAddr, dst: IpAddr, ident: u16) -> BytesMut {
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr};
     let data = b"ping";

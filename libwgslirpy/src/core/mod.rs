@@ -1000,6 +1000,8 @@ mod dns_tests;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod peer_tests;
+#[cfg(test)]
 mod tcp_tests;
 #[cfg(test)]
 mod tests;
