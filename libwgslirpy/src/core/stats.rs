@@ -10,10 +10,15 @@
 //! [`Config`] bound; the totals are at most the number of peers times
 //! those limits. The reassembly buffer and the transmit queue are shared by
 //! every peer and bounded as a whole.
+//!
+//! The [`Router`] methods that read these figures, and
+//! [`Router::set_peers`], which changes who owns what, live here too: they
+//! are the router's accounting, apart from its packet paths.
 
-use super::peers::PeerCounters;
+use super::peers::{self, PeerCounters, PeerId};
+use super::{Router, dns};
 use crate::Config;
-use crate::config::Key;
+use crate::config::{Key, PeerConfig};
 
 /// Counters of what the router has done and dropped.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -127,15 +132,15 @@ pub struct Stats {
     /// possible with several peers, after a peer was removed, or without
     /// any).
     pub dropped_no_peer: u64,
-    /// Flows closed because their peer was removed ([`Router::set_peers`](super::Router::set_peers)).
+    /// Flows closed because their peer was removed ([`Router::set_peers`]).
     pub peer_flows_closed: u64,
 }
 
-/// How full the router's bounded tables are, from [`Router::occupancy`](super::Router::occupancy): the
+/// How full the router's bounded tables are, from [`Router::occupancy`]: the
 /// flow tables summed over every peer, and the shared tables. Each peer's
 /// share stays within its limits in [`Config`] ([`PeerOccupancy`]), and the
 /// shared tables within theirs, whatever the peers send
-/// ([`Router::within_limits`](super::Router::within_limits)).
+/// ([`Router::within_limits`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Occupancy {
     /// UDP flows (`--max-udp-flows` per peer).
@@ -184,7 +189,7 @@ impl PeerOccupancy {
     }
 }
 
-/// One peer's figures, from [`Router::peer_stats`](super::Router::peer_stats).
+/// One peer's figures, from [`Router::peer_stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStats {
     /// The peer's public key; `None` for the one peer of raw IP mode (or of
@@ -194,4 +199,107 @@ pub struct PeerStats {
     pub counters: PeerCounters,
     /// The peer's flows now.
     pub occupancy: PeerOccupancy,
+}
+
+/// The getters, and the peer list, which decides who owns what.
+impl Router {
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Each peer's figures, in the order of the peer list: what it sent and
+    /// received, and its flows now. For metrics; allocates.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.peers
+            .list()
+            .iter()
+            .map(|peer| PeerStats {
+                public_key: peer.public_key,
+                counters: peer.counters,
+                occupancy: self.peer_occupancy(peer.id),
+            })
+            .collect()
+    }
+
+    /// How full `owner`'s share of the flow tables is.
+    pub(super) fn peer_occupancy(&self, owner: PeerId) -> PeerOccupancy {
+        PeerOccupancy {
+            udp_flows: self.udp.owned(owner),
+            tcp_connections: self.tcp.owned(owner),
+            tcp_pending_connects: self.tcp.pending_of(owner),
+            icmp_ids: self.echo.owned(owner),
+            dns_queries: self.dns.as_ref().map_or(0, |dns| dns.in_flight_of(owner)),
+        }
+    }
+
+    /// Whether every table is within its limit in `config` (which should be
+    /// the one the router was made with): each peer's flows within the
+    /// per-peer limits, the shared tables within theirs, and no flow left
+    /// to a peer that is gone. For tests and fuzzing.
+    pub fn within_limits(&self, config: &Config) -> bool {
+        let total = self.occupancy();
+        let live: usize = self
+            .peers
+            .list()
+            .iter()
+            .map(|peer| {
+                let o = self.peer_occupancy(peer.id);
+                o.udp_flows + o.tcp_connections + o.icmp_ids + o.dns_queries
+            })
+            .sum();
+        self.peers
+            .list()
+            .iter()
+            .all(|peer| self.peer_occupancy(peer.id).within(config))
+            && live == total.udp_flows + total.tcp_connections + total.icmp_ids + total.dns_queries
+            && total.reassembly_bytes <= config.max_reassembly_bytes
+            && total.transmit_queue <= config.transmit_queue_capacity
+    }
+
+    /// Replaces the peer list, for a configuration reload. Allowed IPs take
+    /// effect at once for every packet. A peer whose public key was in the
+    /// old list keeps its flows and counters; every flow of a peer that is
+    /// gone is closed on the host side through the usual
+    /// [`SocketAction`]s (nothing is sent toward the peer, which is no
+    /// longer reachable), and counted in [`Stats::peer_flows_closed`].
+    /// Drain [`Router::poll_socket_action`] afterwards.
+    ///
+    /// An empty list leaves no peer: every packet is then dropped.
+    pub fn set_peers(&mut self, peers: &[PeerConfig]) {
+        for gone in self.peers.replace(peers) {
+            let mut closed = self.tcp.close_owner(gone, &mut self.actions);
+            closed += self.udp.close_owner(gone, &mut self.actions);
+            closed += self.echo.close_owner(gone, &mut self.actions);
+            closed += self.reverse_udp.close_owner(gone);
+            if let Some(dns) = self.dns.as_mut() {
+                closed += dns.close_owner(gone, &mut self.actions);
+            }
+            tracing::debug!(peer = gone.0, closed, "peer removed: its flows closed");
+            self.stats.peer_flows_closed += closed as u64;
+        }
+    }
+
+    /// How full the bounded tables are now, summed over every peer.
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            udp_flows: self.udp.len(),
+            tcp_connections: self.tcp.len(),
+            tcp_pending_connects: self.tcp.pending_connects(),
+            icmp_ids: self.echo.len(),
+            dns_queries: self.dns.as_ref().map_or(0, dns::DnsServer::in_flight),
+            reassembly_bytes: self.reassembler.held_bytes(),
+            transmit_queue: self.transmit.len(),
+        }
+    }
+
+    /// Counts `packet`, on its way to the tunnel, for the peer that owns
+    /// its destination.
+    pub(super) fn count_to_peer(&mut self, packet: &[u8]) {
+        let index = peers::destination_of(packet).and_then(|dst| self.peers.lookup(dst));
+        if let Some(peer) = index.and_then(|index| self.peers.get_mut(index)) {
+            peer.counters.packets_to += 1;
+            peer.counters.bytes_to += packet.len() as u64;
+        }
+    }
 }

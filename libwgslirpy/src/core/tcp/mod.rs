@@ -672,10 +672,11 @@ impl Tcp {
         };
         match f(conn, &mut ctx) {
             Alive::Yes => {
-                if was_connecting && !conn.is_connecting() {
-                    if let Some(owner) = self.flows.owner(flow) {
-                        self.pending_remove(owner, flow);
-                    }
+                if was_connecting
+                    && !conn.is_connecting()
+                    && let Some(owner) = self.flows.owner(flow)
+                {
+                    self.pending_remove(owner, flow);
                 }
                 self.reindex(flow);
             }
