@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libwgslirpy::Config;
-use libwgslirpy::config::Transport;
+use libwgslirpy::config::{Key, PeerConfig, Transport};
 use libwgslirpy::core::dns::{DnsClient, DnsOutcome, DnsServer};
 use libwgslirpy::core::fragment::Reassembler;
 use libwgslirpy::core::packet::{self, IcmpError, TcpSegment};
-use libwgslirpy::core::{ConnectError, FlowId, Router, SocketAction, Stats};
+use libwgslirpy::core::{ConnectError, FlowId, PeerId, Router, SocketAction, Stats};
 
 /// `packet::parse`, and the ICMP error builder that quotes a packet.
 pub fn packet_parse(data: &[u8]) {
@@ -59,7 +59,15 @@ pub fn dns_query(data: &[u8]) {
     let answer = input.rest();
     let now = Instant::now();
     let client = DnsClient::Udp { peer };
-    if let Some(reply) = dns.query(now, client, query, 1392, &mut actions, &mut stats) {
+    if let Some(reply) = dns.query(
+        now,
+        PeerId(0),
+        client,
+        query,
+        1392,
+        &mut actions,
+        &mut stats,
+    ) {
         assert!(reply.len() <= 1392);
     }
     while let Some(action) = actions.pop_front() {
@@ -83,11 +91,20 @@ pub fn dns_query(data: &[u8]) {
     assert_eq!(dns.in_flight(), 0);
 }
 
-/// Small limits, so that fuzzing reaches them.
+/// Small limits, so that fuzzing reaches them, and two peers: the IPv4
+/// endpoints are one's, the IPv6 endpoints the other's.
 fn config() -> Config {
+    let peer = |key: u8, allowed: &str| PeerConfig {
+        public_key: Key([key; 32]),
+        preshared_key: None,
+        endpoint: None,
+        keepalive: None,
+        allowed_ips: vec![allowed.parse().expect("literal")],
+    };
     let mut config = Config::new(
-        Transport::RawIp {
-            peer_endpoint: None,
+        Transport::WireGuard {
+            private_key: Key([9; 32]),
+            peers: vec![peer(1, "10.0.2.0/24"), peer(2, "fd00::/64")],
         },
         "127.0.0.1:0".parse().expect("literal"),
     );
@@ -107,8 +124,12 @@ fn config() -> Config {
 }
 
 fn assert_within_limits(router: &Router, config: &Config) {
-    let occupancy = router.occupancy();
-    assert!(occupancy.within(config), "{occupancy:?}");
+    assert!(
+        router.within_limits(config),
+        "{:?} {:?}",
+        router.occupancy(),
+        router.peer_stats()
+    );
 }
 
 /// `Router::handle_packet` with one arbitrary packet, then a timeout.

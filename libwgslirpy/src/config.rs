@@ -174,8 +174,10 @@ pub struct Config {
     /// A DNS query not answered within this time gets SERVFAIL
     /// (`--dns-timeout`).
     pub dns_timeout: Duration,
-    /// Most DNS queries waiting for the resolver or a nameserver at once;
-    /// more get SERVFAIL (`--max-dns-queries`).
+    /// Most DNS queries of one peer waiting for the resolver or a
+    /// nameserver at once; more get SERVFAIL (`--max-dns-queries`). Per
+    /// peer, like every flow limit: the gateway as a whole holds at most
+    /// peers × this many.
     pub max_dns_queries: usize,
     /// Threads that may block in the host resolver (getaddrinfo) at once
     /// (`--resolver-threads`).
@@ -189,15 +191,19 @@ pub struct Config {
     pub incoming_udp: Vec<Forward>,
     /// Reverse TCP forwards (`-t`).
     pub incoming_tcp: Vec<Forward>,
-    /// Most UDP flows at once; the least recently used goes first.
+    /// Most UDP flows of one peer at once; that peer's least recently used
+    /// goes first, never another peer's (`--max-udp-flows`). Per peer: the
+    /// gateway holds at most peers × this many.
     pub max_udp_flows: usize,
     /// A UDP flow with no traffic either way for this long is closed.
     pub udp_idle_timeout: Duration,
-    /// Most TCP connections at once; new ones beyond it get RST
-    /// (`--max-tcp-connections`).
+    /// Most TCP connections of one peer at once; its new ones beyond it get
+    /// RST (`--max-tcp-connections`). Per peer: the gateway holds at most
+    /// peers × this many.
     pub max_tcp_connections: usize,
-    /// Most TCP connects waiting for the destination at once; new ones
-    /// beyond it get RST (`--max-tcp-pending-connects`).
+    /// Most TCP connects of one peer waiting for the destination at once;
+    /// beyond it, that peer's oldest connect is abandoned for the new SYN
+    /// (`--max-tcp-pending-connects`). Per peer.
     pub max_tcp_pending_connects: usize,
     /// A TCP connect not answered within this time is dropped quietly
     /// (`--tcp-connect-timeout`).
@@ -206,7 +212,8 @@ pub struct Config {
     /// (`--tcp-idle-timeout`).
     pub tcp_idle_timeout: Duration,
     /// Most forwarded ICMP echo identities (peer address and echo
-    /// identifier) at once; the least recently used goes first.
+    /// identifier) of one peer at once; that peer's least recently used goes
+    /// first (`--max-icmp-ids`). Per peer.
     pub max_icmp_ids: usize,
     /// An echo identity without requests or replies for this long is closed.
     pub icmp_idle_timeout: Duration,

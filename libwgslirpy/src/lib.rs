@@ -19,6 +19,63 @@
 //!
 //! [`run`] wires them together; an embedding program calls it with a
 //! [`Config`] and a shutdown future.
+//!
+//! ## Embedding the router with your own I/O
+//! A program with its own tunnel or socket layer can drive
+//! [`core::Router`] directly: feed it packets and socket events with the
+//! current time, carry out the [`core::SocketAction`]s it asks for, send
+//! what [`core::Router::poll_transmit`] returns to the peer, and call
+//! [`core::Router::handle_timeout`] at [`core::Router::poll_timeout`].
+//! `examples/embed.rs` does all of it with `std` sockets on the loopback
+//! (`cargo run -p libwgslirpy --example embed`).
+//!
+//! ```
+//! use std::time::Instant;
+//! use libwgslirpy::Config;
+//! use libwgslirpy::config::Transport;
+//! use libwgslirpy::core::{Router, SocketAction, packet};
+//!
+//! let mut config = Config::new(
+//!     Transport::RawIp { peer_endpoint: None },
+//!     "127.0.0.1:0".parse().unwrap(),
+//! );
+//! config.max_udp_flows = 64; // per peer
+//! let mut router = Router::new(&config);
+//!
+//! // A packet from the peer: a UDP datagram to somewhere.
+//! let from_peer = packet::build_udp(
+//!     "10.0.2.15:5000".parse().unwrap(),
+//!     "192.0.2.7:7".parse().unwrap(),
+//!     b"hello",
+//! )
+//! .unwrap();
+//! router.handle_packet(Instant::now(), &from_peer);
+//!
+//! // Carry out the socket actions first ...
+//! let mut opened = None;
+//! while let Some(action) = router.poll_socket_action() {
+//!     match action {
+//!         SocketAction::UdpOpen { flow, .. } => opened = Some(flow), // bind a socket
+//!         SocketAction::UdpSend { dest, payload, .. } => {
+//!             assert_eq!((dest.port(), &payload[..]), (7, &b"hello"[..])); // send it
+//!         }
+//!         _ => {} // TCP, ICMP, DNS ...: see `SocketAction`
+//!     }
+//! }
+//! // ... then hand the router's packets to the peer, and re-arm the timer.
+//! while let Some(to_peer) = router.poll_transmit() {
+//!     let _ = to_peer;
+//! }
+//! let _next_deadline = router.poll_timeout();
+//!
+//! // A reply arrives on the flow's socket: it goes back to the peer.
+//! let flow = opened.unwrap();
+//! router.handle_udp_datagram(Instant::now(), flow, "192.0.2.7:7".parse().unwrap(), b"hi!");
+//! assert!(router.poll_transmit().is_some());
+//! assert_eq!(router.peer_stats()[0].counters.packets_to, 1);
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod config_file;

@@ -182,7 +182,7 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
     dns_timeout: u64,
 
-    /// Most DNS queries in flight at once; more are answered SERVFAIL at once.
+    /// Most DNS queries of each peer in flight at once; more are answered SERVFAIL at once.
     #[arg(long, value_name = "QUERIES", default_value_t = 256)]
     max_dns_queries: usize,
 
@@ -208,7 +208,8 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "PACKETS", default_value_t = 256)]
     transmit_queue_capacity: usize,
 
-    /// Most UDP flows at once; when full, the least recently used flow is closed.
+    /// Most UDP flows of each peer at once; when a peer's are full, its least recently used
+    /// flow is closed (never another peer's).
     #[arg(long, value_name = "FLOWS", default_value_t = 4096)]
     max_udp_flows: usize,
 
@@ -216,13 +217,13 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
     udp_idle_timeout: u64,
 
-    /// Most TCP connections at once (closing ones included); new connections beyond it are
-    /// refused with RST. Existing connections are never closed to make room.
+    /// Most TCP connections of each peer at once (closing ones included); its new connections
+    /// beyond it are refused with RST. Existing connections are never closed to make room.
     #[arg(long, value_name = "CONNECTIONS", default_value_t = 16384)]
     max_tcp_connections: usize,
 
-    /// Most TCP connections waiting for their destination to answer at once; new ones beyond
-    /// it are refused with RST.
+    /// Most TCP connections of each peer waiting for their destination to answer at once;
+    /// beyond it, the peer's oldest such connect is abandoned for the new one.
     #[arg(long, value_name = "CONNECTIONS", default_value_t = 1024)]
     max_tcp_pending_connects: usize,
 
@@ -256,7 +257,8 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     max_reassembly_bytes: usize,
 
-    /// Most ICMP echo identities (peer address and echo identifier) forwarded at once.
+    /// Most ICMP echo identities (peer address and echo identifier) of each peer forwarded at
+    /// once.
     #[arg(long, value_name = "IDS", default_value_t = 1024)]
     max_icmp_ids: usize,
 

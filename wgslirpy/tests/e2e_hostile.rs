@@ -259,17 +259,19 @@ fn syn_and_udp_floods_keep_memory_bounded() {
         );
         eprintln!("{line}");
         assert!(first.is_some(), "no new connection after the flood: {line}");
-        if phase.contains("refusing") || kind == "udp" {
-            // Nothing piles up: new connections get through during the flood too.
-            assert!(ok_during * 2 >= during.len(), "{line}");
-            assert!(to_connect < Duration::from_secs(2), "{line}");
-        }
+        // Nothing piles up: new connections get through during the flood too. Under the
+        // black-hole SYN flood too, since a full pending-connect table abandons its oldest
+        // connect for the newest SYN (a SYN cache) instead of refusing it.
+        assert!(ok_during * 2 >= during.len(), "{line}");
+        assert!(to_connect < Duration::from_secs(2), "{line}");
         report.push(line);
     }
     assert_still_serves(&mut rig);
     // Refusals and evictions were logged, at a rate-limited pace.
     let log = rig.gateway_log();
-    let tcp_lines = log.matches("new TCP connections refused with RST").count();
+    let tcp_lines = log
+        .matches("--max-tcp-pending-connects reached by a peer: its oldest connects abandoned")
+        .count();
     let udp_lines = log.matches("--max-udp-flows reached").count();
     eprintln!("rate-limited warnings: {tcp_lines} TCP, {udp_lines} UDP; peak RSS {peak} KiB");
     assert!((1..=6).contains(&tcp_lines), "{log}");

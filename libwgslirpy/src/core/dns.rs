@@ -21,8 +21,9 @@
 //!   upstream and this module restores the client's). An answer whose
 //!   question differs from the query's is refused (SERVFAIL). With no
 //!   usable nameserver the answer is NOTIMP.
-//! - **Bounded in count and time.** At most `max_in_flight` queries wait for
-//!   the driver; one more is answered SERVFAIL at once, counted, and logged
+//! - **Bounded in count and time.** At most `max_in_flight` queries of each
+//!   peer wait for the driver; one more from that peer is answered SERVFAIL
+//!   at once, counted, and logged
 //!   at most once per [`super::limit::LIMIT_LOG_INTERVAL`]. Each waiting
 //!   query has a deadline `timeout` after its arrival; at the deadline it is
 //!   answered SERVFAIL and the driver is told to give up
@@ -55,6 +56,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::limit::LimitLog;
+use super::peers::PeerId;
 use super::{SocketAction, Stats};
 
 /// TTL of the records in local answers, in seconds.
@@ -146,6 +148,7 @@ pub struct DnsAnswer {
 /// A query waiting for the driver.
 struct Pending {
     client: DnsClient,
+    owner: PeerId,
     /// The request header's ID and flag bytes.
     id: [u8; 2],
     flags: [u8; 2],
@@ -186,11 +189,13 @@ pub struct DnsServer {
     over_capacity_log: LimitLog,
     pending: HashMap<DnsQueryId, Pending>,
     deadlines: BTreeSet<(Instant, DnsQueryId)>,
+    /// Queries in flight per peer; a peer with none has no entry.
+    per_owner: HashMap<PeerId, usize>,
 }
 
 impl DnsServer {
     /// A server at `addr` that gives up on a query after `timeout` and has
-    /// at most `max_in_flight` queries waiting for the driver.
+    /// at most `max_in_flight` queries of each peer waiting for the driver.
     pub fn new(addr: SocketAddr, timeout: Duration, max_in_flight: usize) -> Self {
         DnsServer {
             addr,
@@ -200,6 +205,7 @@ impl DnsServer {
             over_capacity_log: LimitLog::default(),
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
+            per_owner: HashMap::new(),
         }
     }
 
@@ -213,6 +219,39 @@ impl DnsServer {
         self.pending.len()
     }
 
+    /// Queries of `owner` waiting for the driver.
+    pub fn in_flight_of(&self, owner: PeerId) -> usize {
+        self.per_owner.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// Gives up every query of `owner`, unanswered; returns how many.
+    pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
+        let queries: Vec<DnsQueryId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.owner == owner)
+            .map(|(&id, _)| id)
+            .collect();
+        for &query in &queries {
+            self.take(query);
+            actions.push_back(SocketAction::DnsCancel { query });
+        }
+        queries.len()
+    }
+
+    /// Removes `query` from the tables.
+    fn take(&mut self, query: DnsQueryId) -> Option<Pending> {
+        let pending = self.pending.remove(&query)?;
+        self.deadlines.remove(&(pending.deadline, query));
+        if let Some(n) = self.per_owner.get_mut(&pending.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&pending.owner);
+            }
+        }
+        Some(pending)
+    }
+
     /// Whether a query from `client` is still waiting for its answer.
     pub fn is_waiting_for(&self, client: DnsClient) -> bool {
         self.pending
@@ -220,13 +259,15 @@ impl DnsServer {
             .any(|pending| pending.client == client)
     }
 
-    /// A query `message` from `client`, whose transport carries at most
-    /// `transport_max` bytes back. Returns the answer if there is one at
-    /// once; otherwise the query waits for the driver, asked through
-    /// `actions`, or is dropped.
+    /// A query `message` from `client`, of peer `owner`, whose transport
+    /// carries at most `transport_max` bytes back. Returns the answer if
+    /// there is one at once; otherwise the query waits for the driver, asked
+    /// through `actions`, or is dropped.
+    #[allow(clippy::too_many_arguments)]
     pub fn query(
         &mut self,
         now: Instant,
+        owner: PeerId,
         client: DnsClient,
         message: &[u8],
         transport_max: usize,
@@ -268,9 +309,9 @@ impl DnsServer {
                 &[],
             )
         };
-        if self.pending.len() >= self.max_in_flight {
+        if self.in_flight_of(owner) >= self.max_in_flight {
             tracing::trace!(
-                in_flight = self.pending.len(),
+                in_flight = self.in_flight_of(owner),
                 "DNS query refused: too many in flight"
             );
             stats.dns_over_capacity += 1;
@@ -278,7 +319,7 @@ impl DnsServer {
             if let Some(refused) = self.over_capacity_log.hit(now) {
                 tracing::warn!(
                     refused,
-                    "--max-dns-queries reached: new DNS queries answered SERVFAIL"
+                    "--max-dns-queries reached by a peer: its new DNS queries answered SERVFAIL"
                 );
             }
             return Some(reply(rcode::SERVFAIL));
@@ -306,6 +347,7 @@ impl DnsServer {
             id,
             Pending {
                 client,
+                owner,
                 id: query.id,
                 flags: query.flags,
                 question: query.question.to_vec(),
@@ -316,6 +358,7 @@ impl DnsServer {
             },
         );
         self.deadlines.insert((deadline, id));
+        *self.per_owner.entry(owner).or_default() += 1;
         actions.push_back(action);
         None
     }
@@ -328,8 +371,7 @@ impl DnsServer {
         outcome: DnsOutcome,
         stats: &mut Stats,
     ) -> Option<DnsAnswer> {
-        let pending = self.pending.remove(&query)?;
-        self.deadlines.remove(&(pending.deadline, query));
+        let pending = self.take(query)?;
         let answer = |code: u8, addresses: &[IpAddr]| {
             build_answer(
                 pending.id,
@@ -395,8 +437,8 @@ impl DnsServer {
             if deadline > now {
                 break;
             }
-            self.deadlines.pop_first();
-            let Some(pending) = self.pending.remove(&query) else {
+            let Some(pending) = self.take(query) else {
+                self.deadlines.pop_first();
                 continue;
             };
             tracing::trace!(query = query.0, "DNS query timed out");
@@ -693,9 +735,15 @@ mod tests {
                     message[at] = (seed >> 40) as u8;
                 }
             }
-            if let Some(answer) =
-                server.query(now, client, &message, 1392, &mut actions, &mut stats)
-            {
+            if let Some(answer) = server.query(
+                now,
+                PeerId(0),
+                client,
+                &message,
+                1392,
+                &mut actions,
+                &mut stats,
+            ) {
                 assert!(answer.len() >= HEADER_LEN && answer.len() <= 1392);
                 assert_eq!(answer[..2], message[..2], "ID not preserved");
             }

@@ -15,9 +15,11 @@
 //!   destination is that session's tunnel-side source is a reply: it goes
 //!   back out of the HOST socket to that session's sender, and to no one
 //!   else. Replies are matched before outbound NAT.
-//! - Sessions are bounded ([`FlowTable`]): a full table closes the least
-//!   recently used, and a session idle in both directions for the idle
-//!   timeout is closed.
+//! - Sessions belong to the peer that owns DEST (the longest allowed-IPs
+//!   prefix containing it) and are bounded per peer ([`FlowTable`]): a peer
+//!   at the limit loses its least recently used session, and a session idle
+//!   in both directions for the idle timeout is closed. A DEST that no peer
+//!   owns gets nothing.
 //! - A sender of the other IP version than DEST is dropped and counted
 //!   (without SOURCE there is no address of DEST's version to send from).
 //!
@@ -35,6 +37,7 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use super::flows::{FlowId, FlowTable};
+use super::peers::PeerId;
 use crate::config::Forward;
 
 /// Ports that sessions take when their preferred source port is busy.
@@ -128,11 +131,13 @@ impl ReverseUdp {
 
     /// A datagram from `sender` arrived on the HOST socket of `forward`.
     /// Returns where to send it in the tunnel, or `None` if it cannot go.
+    /// `owner_of` names the peer that owns an address inside the tunnel.
     pub fn from_host(
         &mut self,
         now: Instant,
         forward: usize,
         sender: SocketAddr,
+        owner_of: impl Fn(std::net::IpAddr) -> Option<PeerId>,
     ) -> Option<Outbound> {
         let sender = SocketAddr::new(sender.ip().to_canonical(), sender.port());
         let dest = self.forwards.get(forward)?.dest;
@@ -148,10 +153,11 @@ impl ReverseUdp {
         if preferred.is_ipv6() != dest.is_ipv6() {
             return None;
         }
+        let owner = owner_of(dest.ip())?;
         let tunnel_source = self.free_source(preferred)?;
         let (flow, evicted) =
             self.sessions
-                .insert((forward, sender), Session { tunnel_source }, now);
+                .insert(owner, (forward, sender), Session { tunnel_source }, now);
         if let Some((_, _, old)) = evicted {
             self.by_tunnel_source.remove(&old.tunnel_source);
         }
@@ -176,6 +182,17 @@ impl ReverseUdp {
             forward,
             to: sender,
         })
+    }
+
+    /// Closes every session of `owner`.
+    pub fn close_owner(&mut self, owner: PeerId) -> usize {
+        let flows = self.sessions.flows_of(owner);
+        for &flow in &flows {
+            if let Some((_, session)) = self.sessions.remove(flow) {
+                self.by_tunnel_source.remove(&session.tunnel_source);
+            }
+        }
+        flows.len()
     }
 
     /// Closes idle sessions.
@@ -247,6 +264,10 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn any(_: std::net::IpAddr) -> Option<PeerId> {
+        Some(PeerId(0))
+    }
+
     #[test]
     fn without_source_the_senders_address_is_used() {
         let mut reverse = ReverseUdp::new(
@@ -255,7 +276,9 @@ mod tests {
             Duration::from_secs(60),
         );
         let now = Instant::now();
-        let out = reverse.from_host(now, 0, sa("192.0.2.7:4000")).unwrap();
+        let out = reverse
+            .from_host(now, 0, sa("192.0.2.7:4000"), any)
+            .unwrap();
         assert_eq!(out.source, sa("192.0.2.7:4000"));
         assert_eq!(out.dest, sa("10.0.2.15:53"));
         assert_eq!(
@@ -283,7 +306,7 @@ mod tests {
         let senders: Vec<SocketAddr> = (0..10).map(|i| sa(&format!("192.0.2.{i}:4000"))).collect();
         let sources: Vec<SocketAddr> = senders
             .iter()
-            .map(|&s| reverse.from_host(now, 0, s).unwrap().source)
+            .map(|&s| reverse.from_host(now, 0, s, any).unwrap().source)
             .collect();
         assert_eq!(sources[0], sa("10.0.2.1:53"));
         let mut unique = sources.clone();
@@ -307,11 +330,11 @@ mod tests {
         );
         let now = Instant::now();
         let a = reverse
-            .from_host(now, 0, sa("[2001:db8::1]:1"))
+            .from_host(now, 0, sa("[2001:db8::1]:1"), any)
             .unwrap()
             .source;
         let b = reverse
-            .from_host(now, 0, sa("[2001:db8::1]:2"))
+            .from_host(now, 0, sa("[2001:db8::1]:2"), any)
             .unwrap()
             .source;
         assert_eq!(a, sa("[fd00::1]:49152"));
@@ -327,13 +350,15 @@ mod tests {
             idle,
         );
         let t0 = Instant::now();
-        reverse.from_host(t0, 0, sa("192.0.2.1:1")).unwrap();
+        reverse.from_host(t0, 0, sa("192.0.2.1:1"), any).unwrap();
         reverse.expire(t0 + idle);
         assert_eq!(
             reverse.from_tunnel(t0 + idle, sa("10.0.2.15:53"), sa("10.0.2.1:53")),
             None
         );
-        let again = reverse.from_host(t0 + idle, 0, sa("192.0.2.2:1")).unwrap();
+        let again = reverse
+            .from_host(t0 + idle, 0, sa("192.0.2.2:1"), any)
+            .unwrap();
         assert_eq!(again.source, sa("10.0.2.1:53"));
     }
 
@@ -345,11 +370,11 @@ mod tests {
             Duration::from_secs(60),
         );
         assert_eq!(
-            reverse.from_host(Instant::now(), 0, sa("[::ffff:192.0.2.1]:1")),
+            reverse.from_host(Instant::now(), 0, sa("[::ffff:192.0.2.1]:1"), any),
             None
         );
         assert_eq!(
-            reverse.from_host(Instant::now(), 7, sa("[fd00::9]:1")),
+            reverse.from_host(Instant::now(), 7, sa("[fd00::9]:1"), any),
             None
         );
     }

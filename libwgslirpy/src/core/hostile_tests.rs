@@ -32,8 +32,12 @@ fn config() -> Config {
 }
 
 fn assert_within_limits(router: &Router, config: &Config) {
-    let occupancy = router.occupancy();
-    assert!(occupancy.within(config), "{occupancy:?}");
+    assert!(
+        router.within_limits(config),
+        "{:?} {:?}",
+        router.occupancy(),
+        router.peer_stats()
+    );
 }
 
 /// Drains the router as the driver does; returns how many outputs it made.
@@ -48,14 +52,14 @@ fn drain(router: &mut Router) -> usize {
     n
 }
 
-fn dns_query(id: u16) -> Vec<u8> {
+pub(super) fn dns_query(id: u16) -> Vec<u8> {
     let mut m = id.to_be_bytes().to_vec();
     m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
     m.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
     m
 }
 
-fn echo_request(src: IpAddr, dst: IpAddr, ident: u16) -> BytesMut {
+pub(super) fn echo_request(src: IpAddr, dst: IpAddr, ident: u16) -> BytesMut {
     use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr};
     let data = b"ping";

@@ -13,8 +13,8 @@
 //!   through unchanged; replies get the peer's own identifier back, and
 //!   arrive when the real reply does, so the peer sees the real round-trip
 //!   time.
-//! - Echo identities are bounded ([`FlowTable`]): a full table closes the
-//!   least recently used (counted, and logged at most once per
+//! - Echo identities are bounded per peer ([`FlowTable`]): a peer at
+//!   `--max-icmp-ids` loses its own least recently used identity (counted, and logged at most once per
 //!   [`super::limit::LIMIT_LOG_INTERVAL`]), and an identity idle for the idle
 //!   timeout closes.
 //! - Other ICMP messages from the peer are not forwarded.
@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::flows::{FlowId, FlowTable};
 use super::limit::LimitLog;
+use super::peers::PeerId;
 use super::{SocketAction, Stats, packet};
 
 /// Answers an echo request from `src` to `dst` if `dst` is pingable.
@@ -55,7 +56,7 @@ pub struct EchoNat {
 }
 
 impl EchoNat {
-    /// A table of at most `max_ids` echo identities, closed after
+    /// A table of at most `max_ids` echo identities per peer, closed after
     /// `idle_timeout`.
     pub fn new(max_ids: usize, idle_timeout: Duration) -> Self {
         EchoNat {
@@ -64,11 +65,12 @@ impl EchoNat {
         }
     }
 
-    /// An echo request from the peer at `src` to `dst`.
+    /// An echo request from `src`, of peer `owner`, to `dst`.
     #[allow(clippy::too_many_arguments)]
     pub fn outbound(
         &mut self,
         now: Instant,
+        owner: PeerId,
         src: IpAddr,
         dst: IpAddr,
         ident: u16,
@@ -84,13 +86,13 @@ impl EchoNat {
                 flow
             }
             None => {
-                let (flow, evicted) = self.flows.insert(key, (), now);
+                let (flow, evicted) = self.flows.insert(owner, key, (), now);
                 if let Some((old, _, ())) = evicted {
                     stats.icmp_ids_evicted += 1;
                     if let Some(evicted) = self.evict_log.hit(now) {
                         tracing::warn!(
                             evicted,
-                            "--max-icmp-ids reached: least recently used echo identities closed"
+                            "--max-icmp-ids reached by a peer: its least recently used echo identities closed"
                         );
                     }
                     actions.push_back(SocketAction::IcmpClose { flow: old });
@@ -127,6 +129,21 @@ impl EchoNat {
     /// Forgets `flow`, whose socket the driver has already closed.
     pub fn remove(&mut self, flow: FlowId) {
         self.flows.remove(flow);
+    }
+
+    /// Closes every identity of `owner`; returns how many.
+    pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
+        let flows = self.flows.flows_of(owner);
+        for &flow in &flows {
+            self.flows.remove(flow);
+            actions.push_back(SocketAction::IcmpClose { flow });
+        }
+        flows.len()
+    }
+
+    /// The number of identities of `owner`.
+    pub fn owned(&self, owner: PeerId) -> usize {
+        self.flows.owned(owner)
     }
 
     /// Closes identities idle for the idle timeout.

@@ -15,7 +15,9 @@
 //! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
 //!   actions on host sockets ([`Router::poll_socket_action`]), and the next
 //!   deadline ([`Router::poll_timeout`]);
-//! - **getters**: [`Router::stats`], [`Router::occupancy`].
+//! - **getters**: [`Router::stats`], [`Router::occupancy`],
+//!   [`Router::peer_stats`], [`Router::within_limits`];
+//! - **commands**: [`Router::set_peers`], [`Router::set_host_addresses`].
 //!
 //! After each input, drain `poll_socket_action` until it returns `None`,
 //! take packets from `poll_transmit` while the tunnel has room for them
@@ -38,6 +40,15 @@
 //! - reverse UDP and TCP forwards from host ports into the tunnel
 //!   ([`forward`], [`tcp`]);
 //! - everything else is counted and dropped.
+//!
+//! ## Peers
+//! Every packet from the tunnel belongs to the peer whose allowed IPs hold
+//! its source address by the longest prefix ([`peers`]), and every flow it
+//! opens (TCP connection, UDP flow, echo identity, DNS query) belongs to
+//! that peer; a reverse forward's flows belong to the peer that owns DEST.
+//! The limits in [`Config`] apply to each peer on its own, so one peer's
+//! flood can neither evict nor refuse another peer's flows
+//! ([`flows`], [`stats`]).
 
 pub mod dns;
 pub mod dns_tcp;
@@ -47,7 +58,9 @@ pub mod fragment;
 pub mod icmp;
 pub mod limit;
 pub mod packet;
+pub mod peers;
 pub mod policy;
+pub mod stats;
 pub mod tcp;
 pub mod udp;
 
@@ -59,9 +72,12 @@ use bytes::{Bytes, BytesMut};
 
 pub use dns::{DnsOutcome, DnsQueryId};
 pub use flows::FlowId;
+pub use peers::{PeerCounters, PeerId};
+pub use stats::{Occupancy, PeerOccupancy, PeerStats, Stats};
 pub use tcp::ConnectError;
 
 use crate::Config;
+use crate::config::Transport;
 use packet::Parsed;
 
 /// What the driver must do with host sockets.
@@ -202,148 +218,6 @@ pub enum SocketAction {
     },
 }
 
-/// Counters of what the router has done and dropped.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Stats {
-    /// Packets received from peers.
-    pub packets_in: u64,
-    /// Packets queued for peers.
-    pub packets_out: u64,
-    /// Packets from peers that failed to parse.
-    pub dropped_malformed: u64,
-    /// Packets from peers using something not handled.
-    pub dropped_unsupported: u64,
-    /// Packets for peers that would exceed the tunnel MTU.
-    pub dropped_too_big: u64,
-    /// Packets for peers dropped because the transmit queue was full.
-    pub dropped_queue_full: u64,
-    /// Echo requests answered.
-    pub echo_replies: u64,
-    /// UDP flows created.
-    pub udp_flows_opened: u64,
-    /// UDP flows evicted because the table was full.
-    pub udp_flows_evicted: u64,
-    /// UDP flows closed after their idle timeout.
-    pub udp_flows_expired: u64,
-    /// Datagrams to the DNS server.
-    pub dns_queries: u64,
-    /// Datagrams to the DNS server dropped unanswered: no readable header,
-    /// or not a query.
-    pub dns_dropped: u64,
-    /// Queries answered FORMERR or NOTIMP because they were malformed or
-    /// not a standard query.
-    pub dns_errors: u64,
-    /// Queries answered from the host's resolver with NOERROR.
-    pub dns_resolved: u64,
-    /// Queries forwarded to the host's nameservers.
-    pub dns_forwarded: u64,
-    /// Queries answered NXDOMAIN (locally resolved names only).
-    pub dns_nxdomain: u64,
-    /// Queries answered SERVFAIL, for any reason.
-    pub dns_servfail: u64,
-    /// Queries that reached their deadline (and were answered SERVFAIL).
-    pub dns_timeouts: u64,
-    /// Queries refused because too many were in flight (and answered
-    /// SERVFAIL).
-    pub dns_over_capacity: u64,
-    /// Answers sent with TC set because they did not fit.
-    pub dns_truncated: u64,
-    /// TCP connects started for a peer's SYN.
-    pub tcp_connects: u64,
-    /// TCP connects that failed (refused, unreachable, no socket...).
-    pub tcp_connect_failures: u64,
-    /// TCP connects dropped after the connect timeout.
-    pub tcp_connect_timeouts: u64,
-    /// TCP connections that completed the handshake with the peer.
-    pub tcp_established: u64,
-    /// TCP connections closed normally (both directions done).
-    pub tcp_closed: u64,
-    /// SYNs refused because of a connection limit.
-    pub tcp_refused_limit: u64,
-    /// Non-SYN segments for no connection (answered with RST).
-    pub tcp_stray_segments: u64,
-    /// TCP segments dropped: outside the window, or not acceptable.
-    pub tcp_segments_dropped: u64,
-    /// RSTs sent to peers.
-    pub tcp_resets_sent: u64,
-    /// TCP segments sent again (timeouts and fast retransmits).
-    pub tcp_retransmits: u64,
-    /// Fast retransmits after duplicate ACKs.
-    pub tcp_fast_retransmits: u64,
-    /// TCP connections reset after too many retransmission timeouts.
-    pub tcp_retransmit_timeouts: u64,
-    /// TCP connections reset after their idle timeout.
-    pub tcp_idle_closed: u64,
-    /// Echo identities given a host ping socket.
-    pub icmp_ids_opened: u64,
-    /// Echo identities closed because the table was full.
-    pub icmp_ids_evicted: u64,
-    /// Echo replies from the network delivered to peers.
-    pub echo_replies_forwarded: u64,
-    /// Datagrams carried by reverse UDP forwards, into the tunnel.
-    pub forward_datagrams_in: u64,
-    /// Replies carried by reverse UDP forwards, back to host-side senders.
-    pub forward_datagrams_out: u64,
-    /// Datagrams on reverse UDP forwards that could not be carried.
-    pub dropped_forward: u64,
-    /// Connections accepted on reverse TCP forwards and opened toward the
-    /// peer.
-    pub tcp_forward_accepted: u64,
-    /// Connections accepted on reverse TCP forwards and aborted at once: no
-    /// tunnel-side source of DEST's IP version, or no free port.
-    pub tcp_forward_dropped: u64,
-    /// Reverse TCP connections that DEST refused (RST).
-    pub tcp_forward_refused: u64,
-    /// Reverse TCP connections that DEST did not answer within
-    /// `--tcp-connect-timeout`.
-    pub tcp_forward_timeouts: u64,
-    /// ICMP errors about UDP datagrams relayed to peers.
-    pub udp_errors_relayed: u64,
-    /// Packets from peers to destinations the access policy denies.
-    pub dropped_policy: u64,
-    /// Fragments from peers dropped (malformed, overlapping, no room).
-    pub dropped_fragments: u64,
-    /// Datagrams from peers put back together from fragments.
-    pub datagrams_reassembled: u64,
-    /// Packets for peers split into fragments to fit the MTU.
-    pub packets_fragmented: u64,
-}
-
-/// How full the router's bounded tables are, from [`Router::occupancy`]: each
-/// stays within its limit in [`Config`], whatever the peers send.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Occupancy {
-    /// UDP flows (`--max-udp-flows`).
-    pub udp_flows: usize,
-    /// TCP connections, TIME-WAIT included (`--max-tcp-connections`).
-    pub tcp_connections: usize,
-    /// TCP connections waiting for their host connect
-    /// (`--max-tcp-pending-connects`).
-    pub tcp_pending_connects: usize,
-    /// ICMP echo identities (`--max-icmp-ids`).
-    pub icmp_ids: usize,
-    /// DNS queries in flight (`--max-dns-queries`).
-    pub dns_queries: usize,
-    /// Bytes held for reassembly, overheads included
-    /// (`--max-reassembly-bytes`).
-    pub reassembly_bytes: usize,
-    /// Packets waiting for the tunnel (`--transmit-queue-capacity`).
-    pub transmit_queue: usize,
-}
-
-impl Occupancy {
-    /// Whether every table is within its limit in `config`.
-    pub fn within(&self, config: &Config) -> bool {
-        self.udp_flows <= config.max_udp_flows
-            && self.tcp_connections <= config.max_tcp_connections
-            && self.tcp_pending_connects <= config.max_tcp_pending_connects
-            && self.icmp_ids <= config.max_icmp_ids
-            && self.dns_queries <= config.max_dns_queries
-            && self.reassembly_bytes <= config.max_reassembly_bytes
-            && self.transmit_queue <= config.transmit_queue_capacity
-    }
-}
-
 /// The router state machine. See the module documentation.
 pub struct Router {
     mtu: usize,
@@ -362,6 +236,7 @@ pub struct Router {
     transmit_capacity: usize,
     actions: VecDeque<SocketAction>,
     tcp: tcp::Tcp,
+    peers: peers::Peers,
     /// The newest `now` any input brought, for lazily made TCP segments.
     now: Option<Instant>,
     stats: Stats,
@@ -409,26 +284,12 @@ impl Router {
             transmit_capacity: config.transmit_queue_capacity,
             actions: VecDeque::new(),
             tcp: tcp::Tcp::new(config, secret),
+            peers: match &config.transport {
+                Transport::WireGuard { peers, .. } => peers::Peers::new(peers),
+                Transport::RawIp { .. } => peers::Peers::single(),
+            },
             now: None,
             stats: Stats::default(),
-        }
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
-    }
-
-    /// How full the bounded tables are now.
-    pub fn occupancy(&self) -> Occupancy {
-        Occupancy {
-            udp_flows: self.udp.len(),
-            tcp_connections: self.tcp.len(),
-            tcp_pending_connects: self.tcp.pending_connects(),
-            icmp_ids: self.echo.len(),
-            dns_queries: self.dns.as_ref().map_or(0, dns::DnsServer::in_flight),
-            reassembly_bytes: self.reassembler.held_bytes(),
-            transmit_queue: self.transmit.len(),
         }
     }
 
@@ -440,9 +301,28 @@ impl Router {
     }
 
     /// A plain IP packet from a peer.
+    ///
+    /// The packet belongs to the peer whose allowed IPs hold its source
+    /// address (the transport has checked that the sender may use it); a
+    /// source that no peer holds is dropped and counted.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
         self.now = Some(now);
         self.stats.packets_in += 1;
+        // A packet too short for a source address goes on to be dropped as
+        // malformed.
+        let mut owner = None;
+        if let Some(src) = peers::source_of(packet) {
+            let Some(index) = self.peers.lookup(src) else {
+                tracing::trace!(%src, "dropped packet from an address of no peer");
+                self.stats.dropped_no_peer += 1;
+                return;
+            };
+            if let Some(peer) = self.peers.get_mut(index) {
+                peer.counters.packets_from += 1;
+                peer.counters.bytes_from += packet.len() as u64;
+                owner = Some(peer.id);
+            }
+        }
         let reassembled;
         let packet = match self.reassembler.handle(now, packet) {
             fragment::Reassembly::NotFragment => packet,
@@ -459,6 +339,10 @@ impl Router {
             }
         };
         let parsed = match packet::parse(packet) {
+            Ok(_) if owner.is_none() => {
+                self.stats.dropped_no_peer += 1;
+                return;
+            }
             Ok(parsed) => parsed,
             Err(packet::Drop::Malformed) => {
                 tracing::trace!(len = packet.len(), "dropped malformed packet from peer");
@@ -471,11 +355,14 @@ impl Router {
                 return;
             }
         };
+        let Some(owner) = owner else {
+            return;
+        };
         match parsed {
             Parsed::Udp { src, dst, payload }
                 if self.dns.as_ref().is_some_and(|dns| dns.addr() == dst) =>
             {
-                self.dns_query(now, src, dst, payload)
+                self.dns_query(now, owner, src, dst, payload)
             }
             Parsed::Udp { src, dst, payload } => {
                 if let Some(reply) = self.reverse_udp.from_tunnel(now, src, dst) {
@@ -487,8 +374,15 @@ impl Router {
                     });
                 } else if self.permits(packet, dst.ip(), Some(dst.port())) {
                     let dst = SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port());
-                    self.udp
-                        .outbound(now, src, dst, payload, &mut self.actions, &mut self.stats)
+                    self.udp.outbound(
+                        now,
+                        owner,
+                        src,
+                        dst,
+                        payload,
+                        &mut self.actions,
+                        &mut self.stats,
+                    )
                 }
             }
             Parsed::Tcp { src, dst, segment } => {
@@ -503,6 +397,7 @@ impl Router {
                 };
                 self.tcp.segment(
                     now,
+                    owner,
                     src,
                     dst,
                     connect_to,
@@ -525,6 +420,7 @@ impl Router {
                 }
                 None if self.permits(packet, dst, None) => self.echo.outbound(
                     now,
+                    owner,
                     src,
                     self.policy.map_destination(dst),
                     ident,
@@ -570,9 +466,10 @@ impl Router {
         from: SocketAddr,
         payload: &[u8],
     ) {
+        let peers = &self.peers;
         let packet = self
             .reverse_udp
-            .from_host(now, forward, from)
+            .from_host(now, forward, from, |dest| peers.owner(dest))
             .and_then(|out| packet::build_udp(out.source, out.dest, payload));
         match packet {
             Some(packet) => {
@@ -635,7 +532,8 @@ impl Router {
     /// the `-t` list). Returns the flow that now owns the socket: the
     /// router opens a connection to DEST inside the tunnel and grants read
     /// credit once it is established (nothing is read before). `None`
-    /// means refused (a connection limit, or no usable source address):
+    /// means refused (a connection limit, no usable source address, or no
+    /// peer owns DEST):
     /// abort the socket, so that the client sees a RST.
     #[must_use]
     pub fn handle_tcp_accepted(
@@ -654,9 +552,14 @@ impl Router {
             self.stats.tcp_forward_dropped += 1;
             return None;
         };
+        let Some(owner) = self.peers.owner(out.dest.ip()) else {
+            tracing::debug!(forward, %client, dest = %out.dest, "reverse TCP connection refused: DEST belongs to no peer");
+            self.stats.tcp_forward_dropped += 1;
+            return None;
+        };
         let flow = self
             .tcp
-            .active_open(now, out.dest, out.source, &mut self.stats);
+            .active_open(now, owner, out.dest, out.source, &mut self.stats);
         self.flush_tcp();
         flow
     }
@@ -766,6 +669,7 @@ impl Router {
     /// then sends exactly as fast as the tunnel takes packets.
     pub fn poll_transmit(&mut self) -> Option<BytesMut> {
         if let Some(packet) = self.transmit.pop_front() {
+            self.count_to_peer(&packet);
             return Some(packet);
         }
         let now = self.now?;
@@ -773,6 +677,7 @@ impl Router {
             .tcp
             .poll_segment(now, &mut self.actions, &mut self.stats)?;
         self.stats.packets_out += 1;
+        self.count_to_peer(&packet);
         Some(packet)
     }
 
@@ -839,11 +744,12 @@ impl Router {
                 break;
             }
             for query in &step.queries {
-                let Some(dns) = self.dns.as_mut() else {
+                let (Some(dns), Some(owner)) = (self.dns.as_mut(), self.tcp.owner(flow)) else {
                     return;
                 };
                 let answer = dns.query(
                     now,
+                    owner,
                     client,
                     query,
                     usize::from(u16::MAX),
@@ -887,7 +793,14 @@ impl Router {
     }
 
     /// A UDP datagram from `src` to the DNS server at `dst`.
-    fn dns_query(&mut self, now: Instant, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+    fn dns_query(
+        &mut self,
+        now: Instant,
+        owner: PeerId,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) {
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
@@ -897,6 +810,7 @@ impl Router {
         let client = dns::DnsClient::Udp { peer: src };
         if let Some(message) = dns.query(
             now,
+            owner,
             client,
             payload,
             transport_max,
@@ -985,6 +899,8 @@ impl Router {
 mod dns_tests;
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod peer_tests;
 #[cfg(test)]
 mod tcp_tests;
 #[cfg(test)]

@@ -782,22 +782,64 @@ fn connection_cap_refuses_with_rst_and_evicts_nothing() {
     assert_eq!(writes(&h.actions()), b"still here");
 }
 
+/// The SYN cache: at the pending-connect cap the peer's oldest connect
+/// goes (its socket closed, nothing to the peer) and the new SYN proceeds.
 #[test]
-fn pending_connect_cap_refuses_with_rst() {
+fn pending_connect_cap_evicts_the_oldest_connect() {
     let mut config = config();
-    config.max_tcp_pending_connects = 1;
+    config.max_tcp_pending_connects = 2;
     let mut h = Harness::new(&config);
-    h.syn(None);
-    assert_eq!(h.actions().len(), 1);
-    let syn = TcpSegment {
-        seq: 5,
-        syn: true,
-        ..TcpSegment::default()
+    let syn_from = |h: &mut Harness, port: u16| {
+        let syn = TcpSegment {
+            seq: 5,
+            syn: true,
+            window: 1000,
+            ..TcpSegment::default()
+        };
+        let from = SocketAddr::new(h.peer.ip(), port);
+        let packet = packet::build_tcp(from, sa(REMOTE), &syn).unwrap();
+        h.router.handle_packet(h.now, &packet);
+        match h.actions()[..] {
+            [SocketAction::TcpConnect { flow, .. }] => (flow, None),
+            [
+                SocketAction::TcpClose { flow: evicted },
+                SocketAction::TcpConnect { flow, .. },
+            ] => (flow, Some(evicted)),
+            ref other => panic!("unexpected {other:?}"),
+        }
     };
-    let packet = packet::build_tcp(sa("10.0.2.15:40001"), sa(REMOTE), &syn).unwrap();
-    h.router.handle_packet(h.now, &packet);
-    assert!(h.actions().is_empty());
-    assert_eq!(h.router.stats().tcp_refused_limit, 1);
+    let (first, _) = syn_from(&mut h, 40001);
+    h.advance(Duration::from_secs(1));
+    let (second, _) = syn_from(&mut h, 40002);
+    let (third, evicted) = syn_from(&mut h, 40003);
+    assert_eq!(evicted, Some(first));
+    assert!(!h.router.has_transmit(), "nothing goes to the peer");
+    assert_eq!(h.router.stats().tcp_pending_evicted, 1);
+    assert_eq!(h.router.stats().tcp_refused_limit, 0);
+    assert_eq!(h.router.occupancy().tcp_pending_connects, 2);
+    // A late result for the abandoned connect finds nothing.
+    h.router.handle_tcp_connected(h.now, first);
+    assert!(!h.router.has_transmit());
+    // The newest connect completes: SYN-ACK to the peer.
+    h.router.handle_tcp_connected(h.now, third);
+    assert_eq!(
+        h.actions(),
+        vec![SocketAction::TcpRead {
+            flow: third,
+            max: 65535
+        }]
+    );
+    let out: Vec<_> = std::iter::from_fn(|| h.router.poll_transmit()).collect();
+    assert_eq!(out.len(), 1);
+    let Ok(Parsed::Tcp { dst, segment, .. }) = packet::parse(&out[0]) else {
+        panic!("no SYN-ACK");
+    };
+    assert!(segment.syn && segment.ack == Some(6) && dst.port() == 40003);
+    // With the slot it freed, the next SYN evicts nothing.
+    let (_, evicted) = syn_from(&mut h, 40004);
+    assert_eq!(evicted, None);
+    let (_, evicted) = syn_from(&mut h, 40005);
+    assert_eq!(evicted, Some(second));
 }
 
 #[test]

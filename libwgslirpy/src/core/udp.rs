@@ -11,9 +11,10 @@
 //!   ([`SocketAction::UdpSend`]). The driver opens sockets synchronously, so
 //!   the send always finds its socket; if the open fails, the driver reports
 //!   it and the flow is removed.
-//! - Flows are bounded ([`FlowTable`]): a full table evicts the least
-//!   recently used flow, and a flow idle in both directions for the idle
-//!   timeout is closed ([`SocketAction::UdpClose`]).
+//! - Flows are bounded per peer ([`FlowTable`]): a peer that holds
+//!   `--max-udp-flows` flows and opens one more loses its own least
+//!   recently used flow (never another peer's), and a flow idle in both
+//!   directions for the idle timeout is closed ([`SocketAction::UdpClose`]).
 //!   Evictions are counted and logged at most once per
 //!   [`super::limit::LIMIT_LOG_INTERVAL`].
 
@@ -25,6 +26,7 @@ use bytes::Bytes;
 
 use super::flows::{FlowId, FlowTable};
 use super::limit::LimitLog;
+use super::peers::PeerId;
 use super::{SocketAction, Stats};
 
 /// The UDP flow table and its policy.
@@ -34,7 +36,8 @@ pub struct UdpNat {
 }
 
 impl UdpNat {
-    /// A table of at most `max_flows` flows that close after `idle_timeout`.
+    /// A table of at most `max_flows` flows per peer that close after
+    /// `idle_timeout`.
     pub fn new(max_flows: usize, idle_timeout: Duration) -> Self {
         UdpNat {
             flows: FlowTable::new(max_flows, idle_timeout),
@@ -42,10 +45,13 @@ impl UdpNat {
         }
     }
 
-    /// A datagram from the peer-side endpoint `src` to `dst`.
+    /// A datagram from the peer-side endpoint `src`, of peer `owner`, to
+    /// `dst`.
+    #[allow(clippy::too_many_arguments)]
     pub fn outbound(
         &mut self,
         now: Instant,
+        owner: PeerId,
         src: SocketAddr,
         dst: SocketAddr,
         payload: &[u8],
@@ -58,14 +64,14 @@ impl UdpNat {
                 flow
             }
             None => {
-                let (flow, evicted) = self.flows.insert(src, (), now);
+                let (flow, evicted) = self.flows.insert(owner, src, (), now);
                 if let Some((old, old_src, ())) = evicted {
                     tracing::debug!(flow = old.0, peer = %old_src, "UDP flow evicted: table full");
                     stats.udp_flows_evicted += 1;
                     if let Some(evicted) = self.evict_log.hit(now) {
                         tracing::warn!(
                             evicted,
-                            "--max-udp-flows reached: least recently used UDP flows closed"
+                            "--max-udp-flows reached by a peer: its least recently used UDP flows closed"
                         );
                     }
                     actions.push_back(SocketAction::UdpClose { flow: old });
@@ -101,6 +107,21 @@ impl UdpNat {
     /// Forgets `flow`, whose socket the driver has already closed.
     pub fn remove(&mut self, flow: FlowId) {
         self.flows.remove(flow);
+    }
+
+    /// Closes every flow of `owner`; returns how many.
+    pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
+        let flows = self.flows.flows_of(owner);
+        for &flow in &flows {
+            self.flows.remove(flow);
+            actions.push_back(SocketAction::UdpClose { flow });
+        }
+        flows.len()
+    }
+
+    /// The number of flows of `owner`.
+    pub fn owned(&self, owner: PeerId) -> usize {
+        self.flows.owned(owner)
     }
 
     /// Closes flows idle for the idle timeout.

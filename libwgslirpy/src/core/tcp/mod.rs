@@ -74,11 +74,21 @@
 //! an idle connection is reset both ways. 12 RTO expiries in a row reset it
 //! too.
 //!
-//! **Limits.** At `--max-tcp-connections` (TIME-WAIT entries included) or
-//! `--max-tcp-pending-connects`, a new SYN gets a RST and a log line (at most
-//! one per 10 s). Connections are never evicted. If the driver cannot make a
-//! socket (out of descriptors), it reports a failed connect and the peer
-//! gets a RST.
+//! **Limits,** per peer: each connection belongs to the peer whose allowed
+//! IPs hold its peer-side address, and the limits count each peer's
+//! connections on their own, so one peer's flood never refuses or evicts
+//! another peer's. At `--max-tcp-connections` (TIME-WAIT entries included)
+//! a new SYN gets a RST and a log line (at most one per 10 s); established
+//! connections are never evicted. At `--max-tcp-pending-connects` the peer's
+//! *oldest* connect still in progress is abandoned instead, as a BSD SYN
+//! cache drops its oldest entry: its host socket is closed
+//! ([`SocketAction::TcpClose`]), nothing is sent to the peer (its SYN was as
+//! good as lost, and its own retransmission starts a new attempt), and the
+//! new SYN proceeds. A flood of SYNs to a black hole then costs a legitimate
+//! connect nothing but a slot: it is the newest, and only
+//! `--max-tcp-pending-connects` newer SYNs could push it out. If the driver
+//! cannot make a socket (out of descriptors), it reports a failed connect
+//! and the peer gets a RST.
 //!
 //! **Out of scope.** SACK, timestamps (and so PAWS), TCP Fast Open, urgent
 //! data, ECN, path MTU discovery (the MSS comes from `--mtu`).
@@ -86,7 +96,7 @@
 mod conn;
 mod seq;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -95,6 +105,7 @@ use bytes::BytesMut;
 use super::flows::{FlowId, FlowTable};
 use super::limit::LimitLog;
 use super::packet::{self, TcpSegment, Unreachable};
+use super::peers::PeerId;
 use super::{SocketAction, Stats};
 use crate::Config;
 use conn::{Alive, Conn, Ctx};
@@ -166,10 +177,15 @@ pub struct Tcp {
     ready: VecDeque<FlowId>,
     /// Packets made while handling an input, for the router's queue.
     packets: VecDeque<BytesMut>,
+    /// Each peer's connections waiting for their host connect, oldest
+    /// (smallest id: ids grow with time) first; a peer with none has no
+    /// entry.
+    pending: HashMap<PeerId, BTreeSet<FlowId>>,
     pending_connects: usize,
     secret: [u8; 16],
     epoch: Option<Instant>,
     limit_log: LimitLog,
+    evict_log: LimitLog,
 }
 
 impl Tcp {
@@ -183,10 +199,12 @@ impl Tcp {
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
             packets: VecDeque::new(),
+            pending: HashMap::new(),
             pending_connects: 0,
             secret,
             epoch: None,
             limit_log: LimitLog::default(),
+            evict_log: LimitLog::default(),
         }
     }
 
@@ -205,6 +223,59 @@ impl Tcp {
         self.pending_connects
     }
 
+    /// The number of connections of `owner`, TIME-WAIT included.
+    pub fn owned(&self, owner: PeerId) -> usize {
+        self.flows.owned(owner)
+    }
+
+    /// The number of connections of `owner` waiting for their host connect.
+    pub fn pending_of(&self, owner: PeerId) -> usize {
+        self.pending.get(&owner).map_or(0, BTreeSet::len)
+    }
+
+    /// The peer that owns connection `flow`.
+    pub fn owner(&self, flow: FlowId) -> Option<PeerId> {
+        self.flows.owner(flow)
+    }
+
+    /// Closes every connection of `owner` on the host side (a connect in
+    /// progress is closed, anything else aborted, so the host side sees a
+    /// RST); nothing goes to the peer. Returns how many.
+    pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
+        let flows = self.flows.flows_of(owner);
+        for &flow in &flows {
+            let connecting = self
+                .flows
+                .get(flow)
+                .is_some_and(|(_, conn)| conn.is_connecting());
+            self.remove(flow);
+            actions.push_back(if connecting {
+                SocketAction::TcpClose { flow }
+            } else {
+                SocketAction::TcpAbort { flow }
+            });
+        }
+        flows.len()
+    }
+
+    fn pending_add(&mut self, owner: PeerId, flow: FlowId) {
+        if self.pending.entry(owner).or_default().insert(flow) {
+            self.pending_connects += 1;
+        }
+    }
+
+    fn pending_remove(&mut self, owner: PeerId, flow: FlowId) {
+        let Some(set) = self.pending.get_mut(&owner) else {
+            return;
+        };
+        if set.remove(&flow) {
+            self.pending_connects -= 1;
+        }
+        if set.is_empty() {
+            self.pending.remove(&owner);
+        }
+    }
+
     /// The next packet made while handling an input.
     pub fn pop_packet(&mut self) -> Option<BytesMut> {
         self.packets.pop_front()
@@ -220,7 +291,8 @@ impl Tcp {
         self.timers.first().map(|&(at, _)| at)
     }
 
-    /// A segment from the peer endpoint `peer` to `remote`.
+    /// A segment from the peer endpoint `peer`, of peer `owner`, to
+    /// `remote`.
     ///
     /// `connect_to` is where a new connection to `remote` would connect on
     /// the host side, or `None` if the access policy denies `remote` (the
@@ -229,6 +301,7 @@ impl Tcp {
     pub fn segment(
         &mut self,
         now: Instant,
+        owner: PeerId,
         peer: SocketAddr,
         remote: SocketAddr,
         connect_to: Option<SocketAddr>,
@@ -261,13 +334,14 @@ impl Tcp {
             self.reset_stray(peer, remote, seg, stats);
             return;
         };
-        self.open(now, peer, remote, connect_to, seg, actions, stats);
+        self.open(now, owner, peer, remote, connect_to, seg, actions, stats);
     }
 
     #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         now: Instant,
+        owner: PeerId,
         peer: SocketAddr,
         remote: SocketAddr,
         connect_to: SocketAddr,
@@ -279,16 +353,12 @@ impl Tcp {
             stats.tcp_segments_dropped += 1;
             return;
         }
-        let limit = if self.flows.is_full() {
-            Some("--max-tcp-connections")
-        } else if self.pending_connects >= self.settings.max_pending {
-            Some("--max-tcp-pending-connects")
-        } else {
-            None
-        };
-        if let Some(flag) = limit {
+        if self.pending_of(owner) >= self.settings.max_pending {
+            self.evict_oldest_pending(now, owner, actions, stats);
+        }
+        if self.flows.is_full(owner) {
             stats.tcp_refused_limit += 1;
-            self.log_limit(now, flag);
+            self.log_limit(now, "--max-tcp-connections");
             self.reset_stray(peer, remote, syn, stats);
             return;
         }
@@ -296,10 +366,10 @@ impl Tcp {
         let iss = seq::isn(&self.secret, clock, remote, peer);
         let our_mss = self.settings.mss_for(peer);
         let conn = Conn::new(now, syn, iss, peer.is_ipv6(), our_mss, &self.settings);
-        let Ok(flow) = self.flows.try_insert((peer, remote), conn, now) else {
+        let Ok(flow) = self.flows.try_insert(owner, (peer, remote), conn, now) else {
             return;
         };
-        self.pending_connects += 1;
+        self.pending_add(owner, flow);
         stats.tcp_connects += 1;
         tracing::debug!(flow = flow.0, %peer, %remote, "new TCP connection: connecting");
         actions.push_back(SocketAction::TcpConnect {
@@ -307,6 +377,34 @@ impl Tcp {
             dest: connect_to,
         });
         self.reindex(flow);
+    }
+
+    /// Abandons the oldest connect of `owner` still in progress, to make
+    /// room for a new one (see "Limits" above).
+    fn evict_oldest_pending(
+        &mut self,
+        now: Instant,
+        owner: PeerId,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) {
+        let Some(&flow) = self.pending.get(&owner).and_then(BTreeSet::first) else {
+            return;
+        };
+        tracing::debug!(
+            flow = flow.0,
+            peer = owner.0,
+            "oldest TCP connect abandoned: --max-tcp-pending-connects reached"
+        );
+        self.remove(flow);
+        actions.push_back(SocketAction::TcpClose { flow });
+        stats.tcp_pending_evicted += 1;
+        if let Some(evicted) = self.evict_log.hit(now) {
+            tracing::warn!(
+                evicted,
+                "--max-tcp-pending-connects reached by a peer: its oldest connects abandoned"
+            );
+        }
     }
 
     fn log_limit(&mut self, now: Instant, flag: &str) {
@@ -356,7 +454,7 @@ impl Tcp {
         self.flows.lookup(&(peer, remote)).is_some()
     }
 
-    /// Opens a connection to `peer` from `remote` for a host socket that a
+    /// Opens a connection to `peer` (of peer `owner`) from `remote` for a host socket that a
     /// reverse forward accepted (see [`conn`]'s active open): the SYN goes
     /// out with the next [`Tcp::poll_segment`]. `None` at
     /// `--max-tcp-connections`, or if the addresses are taken or of
@@ -364,6 +462,7 @@ impl Tcp {
     pub fn active_open(
         &mut self,
         now: Instant,
+        owner: PeerId,
         peer: SocketAddr,
         remote: SocketAddr,
         stats: &mut Stats,
@@ -373,7 +472,7 @@ impl Tcp {
             stats.tcp_forward_dropped += 1;
             return None;
         }
-        if self.flows.is_full() {
+        if self.flows.is_full(owner) {
             stats.tcp_refused_limit += 1;
             self.log_limit(now, "--max-tcp-connections");
             return None;
@@ -382,7 +481,10 @@ impl Tcp {
         let iss = seq::isn(&self.secret, clock, remote, peer);
         let our_mss = self.settings.mss_for(peer);
         let conn = Conn::new_active(now, iss, our_mss, &self.settings);
-        let flow = self.flows.try_insert((peer, remote), conn, now).ok()?;
+        let flow = self
+            .flows
+            .try_insert(owner, (peer, remote), conn, now)
+            .ok()?;
         if let Some((_, conn)) = self.flows.get_mut(flow) {
             conn.queued = true;
             self.ready.push_back(flow);
@@ -570,8 +672,11 @@ impl Tcp {
         };
         match f(conn, &mut ctx) {
             Alive::Yes => {
-                if was_connecting && !conn.is_connecting() {
-                    self.pending_connects = self.pending_connects.saturating_sub(1);
+                if was_connecting
+                    && !conn.is_connecting()
+                    && let Some(owner) = self.flows.owner(flow)
+                {
+                    self.pending_remove(owner, flow);
                 }
                 self.reindex(flow);
             }
@@ -598,9 +703,12 @@ impl Tcp {
 
     /// Forgets `flow` (its socket has been dealt with).
     fn remove(&mut self, flow: FlowId) {
+        let owner = self.flows.owner(flow);
         if let Some((_, conn)) = self.flows.remove(flow) {
-            if conn.is_connecting() {
-                self.pending_connects = self.pending_connects.saturating_sub(1);
+            if let Some(owner) = owner
+                && conn.is_connecting()
+            {
+                self.pending_remove(owner, flow);
             }
             if let Some(at) = conn.indexed {
                 self.timers.remove(&(at, flow));
