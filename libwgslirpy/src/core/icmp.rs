@@ -136,6 +136,13 @@ impl EchoNat {
         });
     }
 
+    /// Closes every echo identity (shutdown).
+    pub fn close_all(&mut self, actions: &mut VecDeque<SocketAction>) {
+        self.flows.drain(|flow, _, ()| {
+            actions.push_back(SocketAction::IcmpClose { flow });
+        });
+    }
+
     /// The number of echo identities.
     pub fn len(&self) -> usize {
         self.flows.len()

@@ -15,6 +15,8 @@
 //! - **outputs**, `poll_*`: packets for peers ([`Router::poll_transmit`]),
 //!   actions on host sockets ([`Router::poll_socket_action`]), and the next
 //!   deadline ([`Router::poll_timeout`]);
+//! - **commands**: [`Router::shut_down`] closes every flow toward both
+//!   sides and refuses new ones, for a graceful stop;
 //! - **getters**: [`Router::stats`], [`Router::occupancy`].
 //!
 //! After each input, drain `poll_socket_action` until it returns `None`,
@@ -307,6 +309,11 @@ pub struct Stats {
     pub datagrams_reassembled: u64,
     /// Packets for peers split into fragments to fit the MTU.
     pub packets_fragmented: u64,
+    /// Packets from peers (other than TCP, which gets RST) and reverse-forward
+    /// datagrams dropped because the router is shutting down.
+    pub dropped_shutdown: u64,
+    /// Flows closed by [`Router::shut_down`] (TCP, UDP and ICMP).
+    pub flows_closed_at_shutdown: u64,
 }
 
 /// How full the router's bounded tables are, from [`Router::occupancy`]: each
@@ -364,6 +371,8 @@ pub struct Router {
     tcp: tcp::Tcp,
     /// The newest `now` any input brought, for lazily made TCP segments.
     now: Option<Instant>,
+    /// [`Router::shut_down`] was called: no new flows.
+    shutting_down: bool,
     stats: Stats,
 }
 
@@ -410,6 +419,7 @@ impl Router {
             actions: VecDeque::new(),
             tcp: tcp::Tcp::new(config, secret),
             now: None,
+            shutting_down: false,
             stats: Stats::default(),
         }
     }
@@ -430,6 +440,44 @@ impl Router {
             reassembly_bytes: self.reassembler.held_bytes(),
             transmit_queue: self.transmit.len(),
         }
+    }
+
+    /// Whether [`Router::shut_down`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Closes everything, toward both sides, and refuses new flows from now
+    /// on: the gateway is stopping.
+    ///
+    /// - TCP: each connection is reset toward the peer (RST) and its host
+    ///   socket aborted ([`SocketAction::TcpAbort`], so the host side sees a
+    ///   RST too). RST rather than FIN because a FIN needs the peer's ACK,
+    ///   and the host's FIN would tell its program that the stream is
+    ///   complete when it was cut.
+    /// - UDP flows and ICMP echo identities: their sockets are closed.
+    /// - DNS queries in flight: cancelled, unanswered.
+    /// - Afterwards a SYN from a peer gets RST, other segments of no
+    ///   connection get RST as usual, everything else from peers is dropped
+    ///   and counted in [`Stats::dropped_shutdown`], and
+    ///   [`Router::handle_tcp_accepted`] refuses.
+    ///
+    /// Then drain [`Router::poll_socket_action`] and
+    /// [`Router::poll_transmit`] as after any input; the RSTs wait in the
+    /// transmit queue like any packet.
+    pub fn shut_down(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.shutting_down = true;
+        let before = self.tcp.len() + self.udp.len() + self.echo.len();
+        self.tcp.shut_down(&mut self.actions, &mut self.stats);
+        self.flush_tcp();
+        self.udp.close_all(&mut self.actions);
+        self.echo.close_all(&mut self.actions);
+        if let Some(dns) = self.dns.as_mut() {
+            dns.cancel_all(&mut self.actions);
+        }
+        self.stats.flows_closed_at_shutdown += before as u64;
+        tracing::debug!(flows = before, "router shut down: every flow closed");
     }
 
     /// Tells the router the host's own interface addresses, which the access
@@ -471,6 +519,10 @@ impl Router {
                 return;
             }
         };
+        if self.shutting_down && !matches!(parsed, Parsed::Tcp { .. }) {
+            self.stats.dropped_shutdown += 1;
+            return;
+        }
         match parsed {
             Parsed::Udp { src, dst, payload }
                 if self.dns.as_ref().is_some_and(|dns| dns.addr() == dst) =>
@@ -495,7 +547,9 @@ impl Router {
                 // Only a SYN can open a connection, so only a SYN asks the
                 // policy; the DNS server's own address is always open.
                 let to_dns = self.dns.as_ref().is_some_and(|dns| dns.addr() == dst);
-                let connect_to = if segment.syn && segment.ack.is_none() && !to_dns {
+                let connect_to = if self.shutting_down {
+                    None
+                } else if segment.syn && segment.ack.is_none() && !to_dns {
                     self.policy_admits(dst.ip(), Some(dst.port()))
                         .then(|| SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port()))
                 } else {
@@ -570,6 +624,10 @@ impl Router {
         from: SocketAddr,
         payload: &[u8],
     ) {
+        if self.shutting_down {
+            self.stats.dropped_shutdown += 1;
+            return;
+        }
         let packet = self
             .reverse_udp
             .from_host(now, forward, from)
@@ -645,6 +703,10 @@ impl Router {
         client: SocketAddr,
     ) -> Option<FlowId> {
         self.now = Some(now);
+        if self.shutting_down {
+            self.stats.tcp_forward_dropped += 1;
+            return None;
+        }
         let tcp = &self.tcp;
         let Some(out) = self
             .reverse_tcp
@@ -985,6 +1047,8 @@ impl Router {
 mod dns_tests;
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod shutdown_tests;
 #[cfg(test)]
 mod tcp_tests;
 #[cfg(test)]

@@ -117,6 +117,14 @@ impl UdpNat {
         });
     }
 
+    /// Closes every flow (shutdown).
+    pub fn close_all(&mut self, actions: &mut VecDeque<SocketAction>) {
+        self.flows.drain(|flow, peer_side, ()| {
+            tracing::debug!(flow = flow.0, peer = %peer_side, "UDP flow closed: shutting down");
+            actions.push_back(SocketAction::UdpClose { flow });
+        });
+    }
+
     /// When the next flow times out.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.flows.next_expiry()

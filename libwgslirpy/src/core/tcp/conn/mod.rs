@@ -382,6 +382,32 @@ impl Conn {
         Alive::No
     }
 
+    /// The gateway is shutting down: reset both sides now. The peer gets a
+    /// RST (a RST+ACK of its SYN while connecting; nothing once its end is
+    /// gone or in TIME-WAIT), and the host socket is aborted (`SO_LINGER`
+    /// 0) so the host side sees a RST rather than a FIN that would pass for
+    /// a complete stream.
+    pub(super) fn shut_down(&mut self, ctx: &mut Ctx<'_>) -> Alive {
+        match self.state {
+            State::TimeWait { .. } => {}
+            State::Connecting { .. } => {
+                let rst = TcpSegment {
+                    seq: 0,
+                    ack: Some(self.irs.wrapping_add(1)),
+                    rst: true,
+                    ..TcpSegment::default()
+                };
+                ctx.send(&rst);
+                ctx.stats.tcp_resets_sent += 1;
+                ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
+            }
+            State::SynSent { .. } | State::SynReceived | State::Open => {
+                return self.abort(ctx);
+            }
+        }
+        Alive::No
+    }
+
     // ---- timers --------------------------------------------------------------
 
     /// Runs whatever is due at `now`.
