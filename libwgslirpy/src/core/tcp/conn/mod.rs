@@ -402,7 +402,24 @@ impl Conn {
                 ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
             }
             State::SynSent { .. } | State::SynReceived | State::Open => {
-                return self.abort(ctx);
+                // The peer accepts a RST only at exactly its next expected
+                // sequence number (RFC 5961). It has everything we sent
+                // (`snd_max`) unless segments are still lost in flight, when
+                // it expects `snd_una`; so one RST for each.
+                let (max, una) = (self.snd_max, self.snd_una);
+                let seqs = if max == una {
+                    &[max][..]
+                } else {
+                    &[max, una][..]
+                };
+                let peer_done = self.peer_done;
+                for &seq in seqs.iter().filter(|_| !peer_done) {
+                    let mut segment = self.header(ctx.settings, seq);
+                    segment.rst = true;
+                    ctx.send(&segment);
+                    ctx.stats.tcp_resets_sent += 1;
+                }
+                ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
             }
         }
         Alive::No
