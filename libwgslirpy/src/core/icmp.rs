@@ -95,7 +95,7 @@ impl EchoNat {
                     }
                     actions.push_back(SocketAction::IcmpClose { flow: old });
                 }
-                tracing::debug!(flow = flow.0, peer = %src, ident, "new ICMP echo identity");
+                tracing::debug!(flow = flow.0, peer = %src, ident, remote = %dst, "new ICMP echo identity");
                 stats.icmp_ids_opened += 1;
                 actions.push_back(SocketAction::IcmpOpen {
                     flow,

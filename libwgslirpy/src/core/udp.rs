@@ -70,7 +70,7 @@ impl UdpNat {
                     }
                     actions.push_back(SocketAction::UdpClose { flow: old });
                 }
-                tracing::debug!(flow = flow.0, peer = %src, "new UDP flow");
+                tracing::debug!(flow = flow.0, peer = %src, remote = %dst, "new UDP flow");
                 stats.udp_flows_opened += 1;
                 actions.push_back(SocketAction::UdpOpen {
                     flow,

@@ -432,7 +432,7 @@ impl Conn {
         match self.state {
             State::Connecting { since } => {
                 if now >= since + ctx.settings.connect_timeout {
-                    tracing::debug!(flow = ctx.flow.0, remote = %ctx.remote, "TCP connect timed out");
+                    tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connect timed out");
                     ctx.stats.tcp_connect_timeouts += 1;
                     ctx.action(SocketAction::TcpClose { flow: ctx.flow });
                     return Alive::No;
@@ -450,7 +450,7 @@ impl Conn {
             false => ctx.settings.idle_timeout,
         };
         if now >= self.last_activity + idle {
-            tracing::debug!(flow = ctx.flow.0, "TCP connection idle: reset");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connection idle: reset");
             ctx.stats.tcp_idle_closed += 1;
             return self.abort(ctx);
         }
@@ -467,7 +467,7 @@ impl Conn {
             _ => MAX_RETRIES,
         };
         if self.retries > limit {
-            tracing::debug!(flow = ctx.flow.0, "TCP peer stopped answering: reset");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP peer stopped answering: reset");
             ctx.stats.tcp_retransmit_timeouts += 1;
             return self.abort(ctx);
         }
@@ -577,6 +577,8 @@ impl Conn {
             // treats a RST in TIME-WAIT the same way).
             tracing::debug!(
                 flow = ctx.flow.0,
+                peer = %ctx.peer,
+                remote = %ctx.remote,
                 unwritten = self.unwritten,
                 "TCP reset by the peer after both FINs: writing the rest"
             );
@@ -587,7 +589,7 @@ impl Conn {
             return Alive::Yes;
         }
         if seg.seq == self.rcv_nxt {
-            tracing::debug!(flow = ctx.flow.0, "TCP reset by the peer");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP reset by the peer");
             ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
             return Alive::No;
         }
@@ -847,7 +849,7 @@ impl Conn {
         self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
         self.ooo_fin = None;
         self.ooo = Vec::new();
-        tracing::debug!(flow = ctx.flow.0, "TCP FIN from the peer");
+        tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP FIN from the peer");
         if self.unwritten == 0 {
             self.inbound = Inbound::Shut;
             ctx.action(SocketAction::TcpShutdownWrite { flow: ctx.flow });
@@ -864,7 +866,7 @@ impl Conn {
         }
         ctx.action(SocketAction::TcpClose { flow: ctx.flow });
         ctx.stats.tcp_closed += 1;
-        tracing::debug!(flow = ctx.flow.0, "TCP connection closed");
+        tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connection closed");
         if self.closed_first && !self.peer_done {
             self.state = State::TimeWait {
                 until: now + TIME_WAIT,
