@@ -430,7 +430,8 @@ impl Driver {
             let o = self.router.occupancy();
             o.tcp_connections + o.udp_flows + o.icmp_ids
         };
-        tracing::info!(flows, "shutting down: closing every flow");
+        // The counters as the gateway ran, before shutdown adds its own.
+        tracing::info!(flows, stats = ?self.router.stats(), "shutting down: closing every flow");
         self.router.shut_down(now);
         self.drain()?;
         let outgoing = self.tunnel.outgoing.clone();
@@ -468,7 +469,12 @@ impl Driver {
                 break;
             }
         }
-        tracing::info!(stats = ?self.router.stats(), "shut down");
+        let stats = self.router.stats();
+        tracing::info!(
+            resets_sent = stats.tcp_resets_sent,
+            dropped_meanwhile = stats.dropped_shutdown,
+            "shut down"
+        );
         self.tunnel.close().await;
         Ok(())
     }
