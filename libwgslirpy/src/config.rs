@@ -231,6 +231,9 @@ pub struct Config {
     /// Where to serve WireGuard's configuration protocol, for `wg show`
     /// (`--uapi-socket`). WireGuard transport only.
     pub uapi_socket: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics and a health check over HTTP at this
+    /// address (`--metrics`); see [`crate::metrics`].
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Smallest tunnel MTU accepted: IPv6's minimum link MTU.
@@ -266,6 +269,7 @@ impl Config {
             max_reassembly_bytes: 4 << 20,
             reassembly_timeout: Duration::from_secs(30),
             uapi_socket: None,
+            metrics: None,
         }
     }
 

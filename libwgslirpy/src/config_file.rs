@@ -80,6 +80,8 @@ pub struct RouterSettings {
     pub incoming_tcp: Vec<Forward>,
     /// `UapiSocket` (`--uapi-socket`).
     pub uapi_socket: Option<PathBuf>,
+    /// `Metrics`, an IP:PORT (`--metrics`).
+    pub metrics: Option<SocketAddr>,
     /// `Allow`, one rule per line (`--allow`).
     pub allow: Vec<Rule>,
     /// `Deny`, one rule per line (`--deny`).
@@ -194,6 +196,7 @@ pub const SETTINGS: &[(&str, Setter)] = &[
         );
         Ok(())
     }),
+    ("Metrics", |s, v| set(&mut s.metrics, v, "an IP:PORT")),
     ("UapiSocket", |s, v| {
         s.uapi_socket = Some(PathBuf::from(v));
         Ok(())
@@ -264,6 +267,9 @@ impl RouterSettings {
         }
         if let Some(path) = &self.uapi_socket {
             config.uapi_socket = Some(path.clone());
+        }
+        if let Some(addr) = self.metrics {
+            config.metrics = Some(addr);
         }
         if !self.allow.is_empty() {
             config.allow.clone_from(&self.allow);

@@ -17,8 +17,12 @@
 //! - [`driver`]: the thin tokio layer that owns the sockets and timers and
 //!   carries out what the core asks for.
 //!
+//! - [`metrics`]: Prometheus metrics and a health check over HTTP.
+//!
 //! [`run`] wires them together; an embedding program calls it with a
-//! [`Config`] and a shutdown future.
+//! [`Config`] and a shutdown future. [`Gateway`] does the same in two
+//! steps, with a [`GatewayHandle`] in between for counters and peer
+//! reloads while it runs.
 //!
 //! ## Embedding the router with your own I/O
 //! A program with its own tunnel or socket layer can drive
@@ -81,7 +85,8 @@ pub mod config;
 pub mod config_file;
 pub mod core;
 pub mod driver;
+pub mod metrics;
 pub mod tunnel;
 
 pub use config::Config;
-pub use driver::{RunError, run};
+pub use driver::{Gateway, GatewayHandle, RunError, run};

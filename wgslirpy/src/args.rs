@@ -116,8 +116,18 @@ pub enum Command {
     },
 }
 
+/// The format of log lines on stderr (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// Flags of the gateway itself.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct GatewayArgs {
     /// Read the keys, peers and settings from this file: WireGuard's format (a file for
     /// `wg setconf` or `wg-quick` works), plus a [wgslirpy] section. Flags override it.
@@ -267,6 +277,14 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "PATH")]
     uapi_socket: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics and a health check at /healthz.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+
+    /// Log line format on stderr: text, or json (one object per line) for log collectors.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Forward this host UDP port into the WireGuard network: HOST,SOURCE,DEST, where
     /// SOURCE may be empty. Repeatable. Example: -u 0.0.0.0:1234,10.0.2.1:1234,10.0.2.15:1234
     #[arg(short = 'u', long, value_name = "HOST,SOURCE,DEST")]
@@ -284,6 +302,11 @@ pub struct GatewayArgs {
 }
 
 impl GatewayArgs {
+    /// The config file (`-c`), if one was given: SIGHUP re-reads it.
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+
     /// Checks the flags together, with the config file if there is one, and
     /// builds the gateway's configuration.
     pub fn into_config(self) -> anyhow::Result<Config> {
@@ -345,6 +368,9 @@ impl GatewayArgs {
         }
         if self.uapi_socket.is_some() {
             config.uapi_socket = self.uapi_socket;
+        }
+        if self.metrics.is_some() {
+            config.metrics = self.metrics;
         }
         if given("dns_timeout") {
             config.dns_timeout = Duration::from_secs(self.dns_timeout);

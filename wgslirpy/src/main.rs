@@ -1,9 +1,14 @@
 //! `wgslirpy`: expose internet access without root using WireGuard.
 //!
-//! This binary only parses flags, sets up logging and signals, and calls
-//! [`libwgslirpy::run`]. Exit codes: 0 after a clean shutdown (SIGINT or
+//! This binary only parses flags, sets up logging and signals, and runs a
+//! [`libwgslirpy::Gateway`]. Exit codes: 0 after a clean shutdown (SIGINT or
 //! SIGTERM), 1 when the gateway cannot start or fails, 2 for a command line
 //! that does not parse.
+//!
+//! Signals: SIGINT and SIGTERM stop the gateway gracefully (every flow is
+//! closed toward both sides, then the process exits 0 within 2 s); SIGHUP
+//! re-reads the config file (`-c`) and applies its peer list to the running
+//! gateway, keeping the sessions of unchanged peers ([`reload_on_sighup`]).
 
 mod args;
 mod setup;
@@ -12,9 +17,13 @@ use std::io::Read as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use libwgslirpy::config::Key;
+use libwgslirpy::config::{Key, Transport};
 
-use args::{Cli, Command};
+use args::{Cli, Command, GatewayArgs, LogFormat};
+
+/// How long the runtime waits for blocking work (a resolver call, say)
+/// after the gateway has stopped, before the process exits anyway.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(300);
 
 fn main() -> ExitCode {
     let cli = match Cli::parse_args(std::env::args_os()) {
@@ -97,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        None => serve(cli.gateway.into_config()?),
+        None => serve(cli.gateway),
     }
 }
 
@@ -111,28 +120,119 @@ fn print_new_peer(peer: &setup::NewPeer) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(config: libwgslirpy::Config) -> anyhow::Result<()> {
-    init_logging();
+fn serve(args: GatewayArgs) -> anyhow::Result<()> {
+    let log_format = args.log_format;
+    // Kept to re-read the config file on SIGHUP, with the same flags on top.
+    let reload = args.config_file().is_some().then(|| args.clone());
+    let config = args.into_config()?;
+    init_logging(log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(libwgslirpy::run(config, shutdown_signal()))?;
-    Ok(())
+    let result = runtime.block_on(async {
+        // Before anything else, so that an early SIGHUP does not kill us.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot watch SIGHUP")?;
+        let gateway = libwgslirpy::Gateway::bind(config.clone()).await?;
+        let reloader = tokio::spawn(reload_on_sighup(hangup, reload, config, gateway.handle()));
+        let result = gateway.run(shutdown_signal()).await;
+        reloader.abort();
+        anyhow::Ok(result?)
+    });
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    result
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`. The default shows our own
-/// `info` lines and only warnings from gotatun, whose `info` lines say
-/// nothing a user can act on.
-fn init_logging() {
+/// On each SIGHUP: re-reads the config file as at startup (flags on top),
+/// and gives the gateway its peer list. The running settings stay; if the
+/// file changed any of them, one line says they need a restart. A file
+/// with an error is one error line, and the old peers stay.
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    args: Option<GatewayArgs>,
+    mut running: libwgslirpy::Config,
+    gateway: libwgslirpy::GatewayHandle,
+) {
+    while hangup.recv().await.is_some() {
+        let Some(args) = &args else {
+            tracing::info!("SIGHUP ignored: there is no config file (-c) to reload");
+            continue;
+        };
+        let path = args
+            .config_file()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        tracing::info!(file = %path, "SIGHUP: reloading the peers");
+        // Blocking: reads files and resolves Endpoint host names.
+        let args = args.clone();
+        let loaded = tokio::task::spawn_blocking(move || args.into_config()).await;
+        let new = match loaded {
+            Ok(Ok(new)) => new,
+            Ok(Err(error)) => {
+                tracing::error!("cannot reload: {error:#}; keeping the old peers");
+                continue;
+            }
+            Err(error) => {
+                tracing::error!("cannot reload {path}: {error}; keeping the old peers");
+                continue;
+            }
+        };
+        let Transport::WireGuard { peers, .. } = &new.transport else {
+            continue;
+        };
+        let peers = peers.clone();
+        if settings_differ(&running, &new) {
+            tracing::warn!(
+                file = %path,
+                "settings other than the peers changed; they take effect at the next start"
+            );
+        }
+        match gateway.reload_peers(peers.clone()).await {
+            Ok(changes) => {
+                tracing::info!(
+                    file = %path,
+                    added = changes.added,
+                    removed = changes.removed,
+                    updated = changes.updated,
+                    unchanged = changes.unchanged,
+                    "peers reloaded"
+                );
+                if let Transport::WireGuard { peers: now, .. } = &mut running.transport {
+                    *now = peers;
+                }
+            }
+            Err(error) => tracing::error!("cannot apply the reloaded peers: {error}"),
+        }
+    }
+}
+
+/// Whether `a` and `b` differ in anything but their peer lists.
+fn settings_differ(a: &libwgslirpy::Config, b: &libwgslirpy::Config) -> bool {
+    let without_peers = |config: &libwgslirpy::Config| {
+        let mut config = config.clone();
+        if let Transport::WireGuard { peers, .. } = &mut config.transport {
+            peers.clear();
+        }
+        format!("{config:?}")
+    };
+    without_peers(a) != without_peers(b)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, as text or as JSON lines. The
+/// default shows our own `info` lines and only warnings from gotatun, whose
+/// `info` lines say nothing a user can act on.
+fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,gotatun=warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -116,6 +116,43 @@ fn startup_error_bind_port_in_use() {
 }
 
 #[test]
+fn startup_error_bad_metrics_address() {
+    assert_startup_error(
+        &[
+            "-k",
+            GW_PRIVATE,
+            "-K",
+            PEER_PUBLIC,
+            "-b",
+            "127.0.0.1:0",
+            "--metrics",
+            "localhost",
+        ],
+        &["--metrics"],
+    );
+}
+
+#[test]
+fn startup_error_metrics_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("listen on a test socket");
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_startup_error(
+        &[
+            "-k",
+            GW_PRIVATE,
+            "-K",
+            PEER_PUBLIC,
+            "-b",
+            "127.0.0.1:0",
+            "--metrics",
+            &addr,
+        ],
+        &["--metrics"],
+    );
+    drop(taken);
+}
+
+#[test]
 fn startup_error_forward_port_in_use() {
     let taken = UdpSocket::bind("127.0.0.1:0").expect("bind a test socket");
     let addr = taken.local_addr().unwrap().to_string();

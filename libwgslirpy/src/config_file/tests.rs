@@ -115,7 +115,8 @@ fn every_wgslirpy_setting() {
          TcpConnectTimeout = 14\n\
          TcpIdleTimeout = 15\n\
          MaxReassemblyBytes = 65536\n\
-         MaxIcmpIds = 16\n"
+         MaxIcmpIds = 16\n\
+         Metrics = 127.0.0.1:9100\n"
     );
     let file = parse_ok(&text);
     let mut config = Config::new(
@@ -138,6 +139,7 @@ fn every_wgslirpy_setting() {
     assert_eq!(config.tcp_idle_timeout, Duration::from_secs(15));
     assert_eq!(config.max_reassembly_bytes, 65536);
     assert_eq!(config.max_icmp_ids, 16);
+    assert_eq!(config.metrics, Some(addr("127.0.0.1:9100")));
     let s = file.settings;
     assert_eq!(s.bind, Some(addr("127.0.0.1:5000")));
     assert_eq!(s.dns, Some(addr("10.0.2.1:5353")));
@@ -197,6 +199,7 @@ fn apply_sets_only_what_the_file_gives() {
     assert_eq!(config.max_udp_flows, defaults.max_udp_flows);
     assert_eq!(config.udp_idle_timeout, defaults.udp_idle_timeout);
     assert_eq!(config.dns, None);
+    assert_eq!(config.metrics, None);
 }
 
 #[test]

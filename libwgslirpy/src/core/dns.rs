@@ -460,6 +460,15 @@ impl DnsServer {
         }
     }
 
+    /// Gives up on every query in flight without answering it (shutdown):
+    /// the driver is told to cancel each.
+    pub fn cancel_all(&mut self, actions: &mut VecDeque<SocketAction>) {
+        self.deadlines.clear();
+        for (query, _) in self.pending.drain() {
+            actions.push_back(SocketAction::DnsCancel { query });
+        }
+    }
+
     /// The next query deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|&(deadline, _)| deadline)

@@ -217,6 +217,16 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         }
     }
 
+    /// Removes every flow, calling `on_removed` for each (oldest activity
+    /// first): for closing everything at shutdown.
+    pub fn drain(&mut self, mut on_removed: impl FnMut(FlowId, K, V)) {
+        while let Some(&(_, id)) = self.by_activity.first() {
+            if let Some((key, value)) = self.remove(id) {
+                on_removed(id, key, value);
+            }
+        }
+    }
+
     /// When the next flow will expire, if nothing touches it first.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.by_activity

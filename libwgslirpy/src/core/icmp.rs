@@ -97,7 +97,7 @@ impl EchoNat {
                     }
                     actions.push_back(SocketAction::IcmpClose { flow: old });
                 }
-                tracing::debug!(flow = flow.0, peer = %src, ident, "new ICMP echo identity");
+                tracing::debug!(flow = flow.0, peer = %src, ident, remote = %dst, "new ICMP echo identity");
                 stats.icmp_ids_opened += 1;
                 actions.push_back(SocketAction::IcmpOpen {
                     flow,
@@ -149,6 +149,13 @@ impl EchoNat {
     /// Closes identities idle for the idle timeout.
     pub fn expire(&mut self, now: Instant, actions: &mut VecDeque<SocketAction>) {
         self.flows.expire(now, |flow, _, ()| {
+            actions.push_back(SocketAction::IcmpClose { flow });
+        });
+    }
+
+    /// Closes every echo identity (shutdown).
+    pub fn close_all(&mut self, actions: &mut VecDeque<SocketAction>) {
+        self.flows.drain(|flow, _, ()| {
             actions.push_back(SocketAction::IcmpClose { flow });
         });
     }

@@ -17,7 +17,9 @@
 //!   deadline ([`Router::poll_timeout`]);
 //! - **getters**: [`Router::stats`], [`Router::occupancy`],
 //!   [`Router::peer_stats`], [`Router::within_limits`];
-//! - **commands**: [`Router::set_peers`], [`Router::set_host_addresses`].
+//! - **commands**: [`Router::set_peers`], [`Router::set_host_addresses`],
+//!   and [`Router::shut_down`], which closes every flow toward both sides
+//!   and refuses new ones, for a graceful stop.
 //!
 //! After each input, drain `poll_socket_action` until it returns `None`,
 //! take packets from `poll_transmit` while the tunnel has room for them
@@ -239,6 +241,8 @@ pub struct Router {
     peers: peers::Peers,
     /// The newest `now` any input brought, for lazily made TCP segments.
     now: Option<Instant>,
+    /// [`Router::shut_down`] was called: no new flows.
+    shutting_down: bool,
     stats: Stats,
 }
 
@@ -289,8 +293,47 @@ impl Router {
                 Transport::RawIp { .. } => peers::Peers::single(),
             },
             now: None,
+            shutting_down: false,
             stats: Stats::default(),
         }
+    }
+
+    /// Whether [`Router::shut_down`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Closes everything, toward both sides, and refuses new flows from now
+    /// on: the gateway is stopping.
+    ///
+    /// - TCP: each connection is reset toward the peer (RST) and its host
+    ///   socket aborted ([`SocketAction::TcpAbort`], so the host side sees a
+    ///   RST too). RST rather than FIN because a FIN needs the peer's ACK,
+    ///   and the host's FIN would tell its program that the stream is
+    ///   complete when it was cut.
+    /// - UDP flows and ICMP echo identities: their sockets are closed.
+    /// - DNS queries in flight: cancelled, unanswered.
+    /// - Afterwards a SYN from a peer gets RST, other segments of no
+    ///   connection get RST as usual, everything else from peers is dropped
+    ///   and counted in [`Stats::dropped_shutdown`], and
+    ///   [`Router::handle_tcp_accepted`] refuses.
+    ///
+    /// Then drain [`Router::poll_socket_action`] and
+    /// [`Router::poll_transmit`] as after any input; the RSTs wait in the
+    /// transmit queue like any packet.
+    pub fn shut_down(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.shutting_down = true;
+        let before = self.tcp.len() + self.udp.len() + self.echo.len();
+        self.tcp.shut_down(&mut self.actions, &mut self.stats);
+        self.flush_tcp();
+        self.udp.close_all(&mut self.actions);
+        self.echo.close_all(&mut self.actions);
+        if let Some(dns) = self.dns.as_mut() {
+            dns.cancel_all(&mut self.actions);
+        }
+        self.stats.flows_closed_at_shutdown += before as u64;
+        tracing::debug!(flows = before, "router shut down: every flow closed");
     }
 
     /// Tells the router the host's own interface addresses, which the access
@@ -358,6 +401,10 @@ impl Router {
         let Some(owner) = owner else {
             return;
         };
+        if self.shutting_down && !matches!(parsed, Parsed::Tcp { .. }) {
+            self.stats.dropped_shutdown += 1;
+            return;
+        }
         match parsed {
             Parsed::Udp { src, dst, payload }
                 if self.dns.as_ref().is_some_and(|dns| dns.addr() == dst) =>
@@ -389,7 +436,9 @@ impl Router {
                 // Only a SYN can open a connection, so only a SYN asks the
                 // policy; the DNS server's own address is always open.
                 let to_dns = self.dns.as_ref().is_some_and(|dns| dns.addr() == dst);
-                let connect_to = if segment.syn && segment.ack.is_none() && !to_dns {
+                let connect_to = if self.shutting_down {
+                    None
+                } else if segment.syn && segment.ack.is_none() && !to_dns {
                     self.policy_admits(dst.ip(), Some(dst.port()))
                         .then(|| SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port()))
                 } else {
@@ -466,6 +515,10 @@ impl Router {
         from: SocketAddr,
         payload: &[u8],
     ) {
+        if self.shutting_down {
+            self.stats.dropped_shutdown += 1;
+            return;
+        }
         let peers = &self.peers;
         let packet = self
             .reverse_udp
@@ -543,6 +596,10 @@ impl Router {
         client: SocketAddr,
     ) -> Option<FlowId> {
         self.now = Some(now);
+        if self.shutting_down {
+            self.stats.tcp_forward_dropped += 1;
+            return None;
+        }
         let tcp = &self.tcp;
         let Some(out) = self
             .reverse_tcp
@@ -901,6 +958,8 @@ mod dns_tests;
 mod hostile_tests;
 #[cfg(test)]
 mod peer_tests;
+#[cfg(test)]
+mod shutdown_tests;
 #[cfg(test)]
 mod tcp_tests;
 #[cfg(test)]

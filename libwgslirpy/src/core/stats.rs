@@ -134,6 +134,11 @@ pub struct Stats {
     pub dropped_no_peer: u64,
     /// Flows closed because their peer was removed ([`Router::set_peers`]).
     pub peer_flows_closed: u64,
+    /// Packets from peers (other than TCP, which gets RST) and reverse-forward
+    /// datagrams dropped because the router is shutting down.
+    pub dropped_shutdown: u64,
+    /// Flows closed by [`Router::shut_down`] (TCP, UDP and ICMP).
+    pub flows_closed_at_shutdown: u64,
 }
 
 /// How full the router's bounded tables are, from [`Router::occupancy`]: the

@@ -76,7 +76,7 @@ impl UdpNat {
                     }
                     actions.push_back(SocketAction::UdpClose { flow: old });
                 }
-                tracing::debug!(flow = flow.0, peer = %src, "new UDP flow");
+                tracing::debug!(flow = flow.0, peer = %src, remote = %dst, "new UDP flow");
                 stats.udp_flows_opened += 1;
                 actions.push_back(SocketAction::UdpOpen {
                     flow,
@@ -134,6 +134,14 @@ impl UdpNat {
         self.flows.expire(now, |flow, peer_side, ()| {
             tracing::debug!(flow = flow.0, peer = %peer_side, "UDP flow timed out");
             stats.udp_flows_expired += 1;
+            actions.push_back(SocketAction::UdpClose { flow });
+        });
+    }
+
+    /// Closes every flow (shutdown).
+    pub fn close_all(&mut self, actions: &mut VecDeque<SocketAction>) {
+        self.flows.drain(|flow, peer_side, ()| {
+            tracing::debug!(flow = flow.0, peer = %peer_side, "UDP flow closed: shutting down");
             actions.push_back(SocketAction::UdpClose { flow });
         });
     }

@@ -73,6 +73,15 @@ impl UdpForwards {
             .collect();
     }
 
+    /// Stops receiving and closes the HOST sockets (shutdown); later sends
+    /// are dropped.
+    pub(super) fn close(&mut self) {
+        for reader in self.readers.drain(..) {
+            reader.abort();
+        }
+        self.sockets.clear();
+    }
+
     /// Sends `payload` from the HOST socket of `forward` to `to`, if it can
     /// go now.
     pub(super) fn send(&self, forward: usize, to: SocketAddr, payload: &[u8]) {
@@ -176,6 +185,15 @@ impl TcpForwards {
             listeners,
             acceptors: Vec::new(),
         })
+    }
+
+    /// Stops accepting and closes the listening sockets (shutdown).
+    /// Connections already accepted are the router's.
+    pub(super) fn close(&mut self) {
+        for acceptor in self.acceptors.drain(..) {
+            acceptor.abort();
+        }
+        self.listeners.clear();
     }
 
     /// Starts accepting; connections are reported to `events`.

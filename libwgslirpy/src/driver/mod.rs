@@ -30,7 +30,24 @@
 //! `-u` datagrams and `-t` accepted connections reach the router as events
 //! too; an accepted connection the router takes becomes a TCP flow like any
 //! other, and one it refuses is reset.
+//!
+//! Other tasks talk to the router task through a small bounded control
+//! channel ([`control`]): counter snapshots for the metrics server
+//! ([`crate::metrics`]), and the new peer list after a reload.
+//!
+//! # Entry points
+//! [`run`] does everything for a configuration and a shutdown future. To
+//! also reach the running gateway (metrics, peer reloads), call
+//! [`Gateway::bind`], keep [`Gateway::handle`], then [`Gateway::run`].
+//!
+//! # Shutdown
+//! When the shutdown future completes: the reverse forwards stop listening,
+//! [`Router::shut_down`] resets every TCP connection both ways and closes
+//! every other flow, the driver carries out those socket actions and then
+//! flushes the packets queued for the tunnel (new SYNs meanwhile get RST),
+//! for at most [`SHUTDOWN_FLUSH`], and the tunnel stops.
 
+pub mod control;
 mod dns;
 mod forward;
 mod icmp;
@@ -38,7 +55,7 @@ mod tcp;
 mod udp;
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -58,6 +75,15 @@ const TCP_ROUNDS: usize = 8;
 /// How often the host's own addresses are listed again, so that an address
 /// the host gains later (DHCP, a new interface) is denied too.
 const HOST_ADDRESS_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest the driver spends at shutdown carrying out the router's last
+/// socket actions and handing its last packets (RSTs) to the tunnel.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// After the last packet left the tunnel channel, how long the tunnel gets
+/// to encrypt and send it before it is stopped: gotatun gives no signal
+/// that its queue is empty.
+const TUNNEL_GRACE: Duration = Duration::from_millis(50);
+
+pub use control::{ControlError, GatewayHandle, RouterSnapshot};
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +108,15 @@ pub enum RunError {
     /// The tunnel transport stopped on its own.
     #[error("the tunnel transport stopped unexpectedly")]
     TunnelClosed,
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {addr} for --metrics")]
+    MetricsBind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs a gateway for `config` until `shutdown` completes.
@@ -90,7 +125,104 @@ pub enum RunError {
 /// socket cannot be bound, so a front end can report it before anything
 /// else happens. Must be called within a tokio runtime.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    config.validate()?;
+    Gateway::bind(config).await?.run(shutdown).await
+}
+
+/// A gateway whose sockets are bound, not yet running: between
+/// [`Gateway::bind`] and [`Gateway::run`], take a [`Gateway::handle`] to
+/// reach it while it runs.
+pub struct Gateway {
+    config: Config,
+    tunnel: TunnelHandle,
+    udp_forwards: forward::UdpForwards,
+    tcp_forwards: forward::TcpForwards,
+    metrics: Option<tokio::net::TcpListener>,
+    requests: mpsc::Sender<control::Request>,
+    control: mpsc::Receiver<control::Request>,
+}
+
+impl Gateway {
+    /// Validates `config` and binds everything it names: the reverse
+    /// forwards' HOST sockets, the metrics address, then the tunnel socket.
+    /// Must be called within a tokio runtime.
+    pub async fn bind(config: Config) -> Result<Self, RunError> {
+        config.validate()?;
+        let (udp_forwards, tcp_forwards) = bind_forwards(&config)?;
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::MetricsBind { addr, source })?,
+            ),
+            None => None,
+        };
+        let tunnel = tunnel::start(&config).await?;
+        tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
+        let (requests, control) = mpsc::channel(control::CONTROL_QUEUE);
+        Ok(Gateway {
+            config,
+            tunnel,
+            udp_forwards,
+            tcp_forwards,
+            metrics,
+            requests,
+            control,
+        })
+    }
+
+    /// A handle for counters and peer reloads while the gateway runs.
+    pub fn handle(&self) -> GatewayHandle {
+        GatewayHandle {
+            requests: self.requests.clone(),
+            tunnel: self.tunnel.control.clone(),
+        }
+    }
+
+    /// The address the metrics server listens on, if `--metrics` was given
+    /// (with its real port when port 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The tunnel socket's local address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.tunnel.local_addr
+    }
+
+    /// Runs the gateway until `shutdown` completes, then stops it
+    /// gracefully (see the module documentation).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        // After the binds, so that a startup error stays the only line printed.
+        raise_fd_limit();
+        let handle = self.handle();
+        let metrics = self.metrics.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving metrics at /metrics and /healthz");
+            }
+            tokio::spawn(crate::metrics::serve(listener, handle))
+        });
+        // The gateway's own sender goes, so the channel closes with the
+        // last handle.
+        drop(self.requests);
+        let driver = Driver::new(
+            &self.config,
+            self.tunnel,
+            self.udp_forwards,
+            self.tcp_forwards,
+            self.control,
+        );
+        let result = driver.run(shutdown).await;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
+        result
+    }
+}
+
+/// Binds the HOST sockets of the reverse forwards.
+fn bind_forwards(
+    config: &Config,
+) -> Result<(forward::UdpForwards, forward::TcpForwards), RunError> {
     let udp_forwards =
         forward::UdpForwards::bind(&config.incoming_udp).map_err(|(addr, source)| {
             RunError::ForwardBind {
@@ -107,13 +239,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 source,
             }
         })?;
-    let tunnel = tunnel::start(&config).await?;
-    tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
-    // After the bind, so that a startup error stays the only line printed.
-    raise_fd_limit();
-    Driver::new(&config, tunnel, udp_forwards, tcp_forwards)
-        .run(shutdown)
-        .await
+    Ok((udp_forwards, tcp_forwards))
 }
 
 /// The addresses of the host's own interfaces, which the access policy
@@ -189,11 +315,14 @@ struct Driver {
     tcp: tcp::TcpSockets,
     echo: icmp::EchoSockets,
     udp_forwards: forward::UdpForwards,
-    /// Owned only so that the accepting tasks stop with the driver.
-    _tcp_forwards: forward::TcpForwards,
+    /// Owned so that the accepting tasks stop with the driver (or at
+    /// shutdown).
+    tcp_forwards: forward::TcpForwards,
     events: mpsc::Receiver<HostEvent>,
     /// The host's own addresses as last told to the router.
     host_addresses: Vec<std::net::IpAddr>,
+    /// Requests from [`GatewayHandle`]s.
+    control: mpsc::Receiver<control::Request>,
 }
 
 impl Driver {
@@ -202,6 +331,7 @@ impl Driver {
         tunnel: TunnelHandle,
         mut udp_forwards: forward::UdpForwards,
         mut tcp_forwards: forward::TcpForwards,
+        control: mpsc::Receiver<control::Request>,
     ) -> Self {
         let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
         udp_forwards.start(&events_tx);
@@ -214,8 +344,9 @@ impl Driver {
             udp: udp::UdpSockets::new(events_tx.clone()),
             echo: icmp::EchoSockets::new(events_tx),
             udp_forwards,
-            _tcp_forwards: tcp_forwards,
+            tcp_forwards,
             events,
+            control,
             host_addresses: Vec::new(),
         };
         driver.check_host_addresses();
@@ -252,11 +383,7 @@ impl Driver {
             };
             tokio::select! {
                 biased;
-                () = &mut shutdown => {
-                    tracing::info!(stats = ?self.router.stats(), "shutting down");
-                    self.tunnel.close().await;
-                    return Ok(());
-                }
+                () = &mut shutdown => return self.shut_down().await,
                 packet = self.tunnel.incoming.recv() => {
                     let packet = packet.ok_or(RunError::TunnelClosed)?;
                     let now = Instant::now();
@@ -282,9 +409,92 @@ impl Driver {
                 }
                 () = timer => self.router.handle_timeout(Instant::now()),
                 _ = host_check.tick() => self.check_host_addresses(),
+                Some(request) = self.control.recv() => self.handle_request(request),
             }
             self.drain()?;
         }
+    }
+
+    /// Answers a request from a [`GatewayHandle`].
+    fn handle_request(&mut self, request: control::Request) {
+        match request {
+            control::Request::Snapshot(reply) => {
+                let _ = reply.send(RouterSnapshot {
+                    stats: self.router.stats().clone(),
+                    occupancy: self.router.occupancy(),
+                    peers: self.router.peer_stats(),
+                    shutting_down: self.router.is_shutting_down(),
+                });
+            }
+            control::Request::PeersReloaded(peers) => {
+                // The tunnel now has exactly `peers` (a SIGHUP reload, or an
+                // embedder's `GatewayHandle::reload_peers`); the router's
+                // per-peer flow tables follow, closing a removed peer's flows.
+                self.router.set_peers(&peers);
+                tracing::debug!(peers = peers.len(), "router told of the reloaded peers");
+            }
+        }
+    }
+
+    /// Stops gracefully: no new flows, every flow closed toward both
+    /// sides, the last packets flushed to the tunnel (for at most
+    /// [`SHUTDOWN_FLUSH`]), then the tunnel stopped.
+    async fn shut_down(mut self) -> Result<(), RunError> {
+        let now = Instant::now();
+        let deadline = now + SHUTDOWN_FLUSH;
+        self.tcp_forwards.close();
+        self.udp_forwards.close();
+        let flows = {
+            let o = self.router.occupancy();
+            o.tcp_connections + o.udp_flows + o.icmp_ids
+        };
+        // The counters as the gateway ran, before shutdown adds its own.
+        tracing::info!(flows, stats = ?self.router.stats(), "shutting down: closing every flow");
+        self.router.shut_down(now);
+        self.drain()?;
+        let outgoing = self.tunnel.outgoing.clone();
+        loop {
+            let flushed =
+                !self.router.has_transmit() && outgoing.capacity() == outgoing.max_capacity();
+            if flushed {
+                tokio::time::sleep(TUNNEL_GRACE).await;
+                break;
+            }
+            let permit = outgoing.clone();
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    tracing::warn!("shutting down: the tunnel did not take every last packet in time");
+                    break;
+                }
+                permit = permit.reserve(), if self.router.has_transmit() => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(packet) = self.router.poll_transmit() {
+                        permit.send(packet);
+                    }
+                }
+                // Still listening, so that new SYNs get RST and late socket
+                // events are dealt with.
+                Some(packet) = self.tunnel.incoming.recv() => {
+                    self.router.handle_packet(Instant::now(), &packet);
+                }
+                Some(event) = self.events.recv() => self.handle_event(event),
+                Some(request) = self.control.recv() => self.handle_request(request),
+                // The tunnel empties its channel without telling us.
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+            if self.drain().is_err() {
+                break;
+            }
+        }
+        let stats = self.router.stats();
+        tracing::info!(
+            resets_sent = stats.tcp_resets_sent,
+            dropped_meanwhile = stats.dropped_shutdown,
+            "shut down"
+        );
+        self.tunnel.close().await;
+        Ok(())
     }
 
     /// Feeds one host event to the router.

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, Key, PeerConfig};
 
 /// One plain IP packet, v4 or v6, as it travels between the router and a
 /// transport.
@@ -38,6 +38,8 @@ pub struct TunnelHandle {
     pub outgoing: mpsc::Sender<IpPacket>,
     /// The local address of the tunnel's UDP socket.
     pub local_addr: SocketAddr,
+    /// Inspects and reconfigures the transport while it runs.
+    pub control: TunnelControl,
     /// Keeps the transport running; dropping it stops the transport.
     _running: Running,
 }
@@ -52,6 +54,76 @@ impl TunnelHandle {
             Running::RawIp(_) => {}
         }
     }
+}
+
+/// Inspects and reconfigures a running transport: per-peer counters, and
+/// replacing the peer list (SIGHUP). Cheap to clone; it does not keep the
+/// transport alive, and once the transport has stopped it reports no peers
+/// and refuses changes.
+#[derive(Clone)]
+pub struct TunnelControl(ControlInner);
+
+#[derive(Clone)]
+enum ControlInner {
+    WireGuard(wireguard::Control),
+    /// Raw IP has no peers to count or change.
+    RawIp,
+}
+
+impl TunnelControl {
+    /// A control with no transport behind it, for tests.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Self {
+        TunnelControl(ControlInner::RawIp)
+    }
+
+    /// Every WireGuard peer's counters, sorted by public key; none in raw
+    /// IP mode.
+    pub async fn peer_status(&self) -> Vec<PeerStatus> {
+        match &self.0 {
+            ControlInner::WireGuard(control) => control.peer_status().await,
+            ControlInner::RawIp => Vec::new(),
+        }
+    }
+
+    /// Makes `peers` the transport's peer list, keeping the sessions of
+    /// peers that stay (see [`PeerChanges`] for what was done).
+    pub async fn set_peers(&self, peers: &[PeerConfig]) -> Result<PeerChanges, TunnelError> {
+        match &self.0 {
+            ControlInner::WireGuard(control) => control.set_peers(peers).await,
+            ControlInner::RawIp => Err(TunnelError::WireGuard(
+                "raw IP mode has no peers to change".into(),
+            )),
+        }
+    }
+}
+
+/// One WireGuard peer's counters, from gotatun's device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's public key.
+    pub public_key: Key,
+    /// Where the peer is now (it follows the peer as it roams).
+    pub endpoint: Option<SocketAddr>,
+    /// Bytes received from the peer, WireGuard overhead included.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer, WireGuard overhead included.
+    pub tx_bytes: u64,
+    /// Time since the last completed handshake, if there was one.
+    pub since_last_handshake: Option<std::time::Duration>,
+}
+
+/// What [`TunnelControl::set_peers`] did, in numbers of peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerChanges {
+    /// Peers new to the list, added.
+    pub added: usize,
+    /// Peers no longer in the list, removed with their sessions.
+    pub removed: usize,
+    /// Peers modified in place, sessions kept.
+    pub updated: usize,
+    /// Peers left exactly as they were.
+    pub unchanged: usize,
 }
 
 /// What keeps a transport alive.

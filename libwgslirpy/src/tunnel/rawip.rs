@@ -111,6 +111,7 @@ pub(super) async fn start(
         incoming: incoming_rx,
         outgoing: outgoing_tx,
         local_addr,
+        control: super::TunnelControl(super::ControlInner::RawIp),
         _running: super::Running::RawIp(Running {
             _tasks: tasks,
             counters,

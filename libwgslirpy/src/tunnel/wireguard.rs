@@ -71,9 +71,10 @@ type WgDevice = Device<(ExactBind, ToRouter, FromRouter)>;
 /// `Drop` spawns its shutdown: the UDP socket closes shortly afterwards, not
 /// synchronously.
 pub(super) struct Running {
-    /// Tasks that initiate the first handshakes; aborted on drop. Declared
-    /// before `device` so their clones of it go first.
-    _handshakes: JoinSet<()>,
+    /// Tasks that initiate handshakes (at startup, and for peers added by a
+    /// reload); aborted on drop. Declared before `device` so their clones
+    /// of it go first.
+    _handshakes: Handshakes,
     /// The device itself.
     _device: Arc<WgDevice>,
     /// The configuration socket, if one was asked for.
@@ -82,8 +83,14 @@ pub(super) struct Running {
 
 impl Running {
     /// Stops the device and waits until it has stopped.
-    pub(super) async fn stop(mut self) {
-        self._handshakes.shutdown().await;
+    pub(super) async fn stop(self) {
+        let mut handshakes = self
+            ._handshakes
+            .lock()
+            .map(|mut set| std::mem::take(&mut *set));
+        if let Ok(handshakes) = handshakes.as_mut() {
+            handshakes.shutdown().await;
+        }
         if let Some(device) = Arc::into_inner(self._device) {
             device.stop().await;
         }
@@ -107,22 +114,7 @@ pub(super) async fn start(
     let (incoming_tx, incoming_rx) = mpsc::channel(capacity);
     let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
 
-    let device_peers = peers.iter().map(|peer| {
-        if peer.allowed_ips.is_empty() {
-            tracing::warn!(
-                peer = %peer.public_key.to_base64(),
-                "peer has no allowed IPs: no packet will be accepted from it or routed to it"
-            );
-        }
-        let mut device_peer = Peer::new(x25519::PublicKey::from(peer.public_key.0))
-            .with_allowed_ips(peer.allowed_ips.iter().copied());
-        if let Some(psk) = peer.preshared_key {
-            device_peer = device_peer.with_preshared_key(psk.0);
-        }
-        device_peer.endpoint = peer.endpoint;
-        device_peer.keepalive = peer.keepalive.filter(|&seconds| seconds != 0);
-        device_peer
-    });
+    let device_peers = peers.iter().map(device_peer);
 
     let (uapi_server, uapi_socket) = match &config.uapi_socket {
         Some(path) => {
@@ -169,27 +161,212 @@ pub(super) async fn start(
     let local_addr = SocketAddr::new(config.bind.ip(), port);
     tracing::debug!(%local_addr, peers = peers.len(), "WireGuard device up");
 
-    let mut handshakes = JoinSet::new();
+    let handshakes = Handshakes::default();
     for peer in peers {
         if let Some(endpoint) = peer.endpoint {
-            handshakes.spawn(initiate_handshake(
-                Arc::clone(&device),
-                peer.public_key,
-                endpoint,
-            ));
+            spawn_handshake(&handshakes, &device, peer.public_key, endpoint);
         }
     }
+    let control = Control {
+        device: Arc::downgrade(&device),
+        applied: Arc::new(tokio::sync::Mutex::new(peers.to_vec())),
+        handshakes: Arc::clone(&handshakes),
+    };
 
     Ok(TunnelHandle {
         incoming: incoming_rx,
         outgoing: outgoing_tx,
         local_addr,
+        control: super::TunnelControl(super::ControlInner::WireGuard(control)),
         _running: super::Running::WireGuard(Running {
             _handshakes: handshakes,
             _device: device,
             _uapi: uapi_socket,
         }),
     })
+}
+
+/// The handshake tasks, shared by the running transport (which aborts them
+/// when it stops) and its [`Control`] (which adds one per new peer).
+type Handshakes = Arc<std::sync::Mutex<JoinSet<()>>>;
+
+/// Starts [`initiate_handshake`] in `handshakes`.
+fn spawn_handshake(
+    handshakes: &Handshakes,
+    device: &Arc<WgDevice>,
+    public_key: Key,
+    endpoint: SocketAddr,
+) {
+    if let Ok(mut set) = handshakes.lock() {
+        // Reap the finished ones, so that the set stays as small as the
+        // handshakes in progress.
+        while set.try_join_next().is_some() {}
+        set.spawn(initiate_handshake(Arc::clone(device), public_key, endpoint));
+    }
+}
+
+/// Inspects and reconfigures the running device for [`super::TunnelControl`].
+///
+/// Holds the device weakly: a control handle kept by a metrics server or a
+/// signal handler never keeps a stopped device alive.
+#[derive(Clone)]
+pub(super) struct Control {
+    device: std::sync::Weak<WgDevice>,
+    /// The peers as last configured (at startup or by the last reload): a
+    /// peer's configured endpoint is compared with this, not with the
+    /// device's, which follows the peer as it roams.
+    applied: Arc<tokio::sync::Mutex<Vec<PeerConfig>>>,
+    handshakes: Handshakes,
+}
+
+impl Control {
+    /// Every peer's counters.
+    pub(super) async fn peer_status(&self) -> Vec<super::PeerStatus> {
+        let Some(device) = self.device.upgrade() else {
+            return Vec::new();
+        };
+        let mut peers: Vec<super::PeerStatus> = device
+            .peers()
+            .await
+            .into_iter()
+            .map(|stats| super::PeerStatus {
+                public_key: Key(stats.peer.public_key.to_bytes()),
+                endpoint: stats.peer.endpoint,
+                rx_bytes: stats.stats.rx_bytes as u64,
+                tx_bytes: stats.stats.tx_bytes as u64,
+                since_last_handshake: stats.stats.last_handshake,
+            })
+            .collect();
+        peers.sort_by_key(|peer| peer.public_key.0);
+        peers
+    }
+
+    /// Makes the device's peers `peers`, as `wg syncconf` would, without
+    /// touching the sessions of peers that stay: peers that are gone are
+    /// removed; new ones are added (and, with an endpoint, handshaken with
+    /// at once); a peer whose allowed IPs, preshared key or keepalive
+    /// differ from the device's, or whose configured endpoint differs from
+    /// the one configured before, is modified in place. gotatun's UAPI
+    /// `set` would instead replace a modified peer, dropping its session.
+    pub(super) async fn set_peers(
+        &self,
+        peers: &[PeerConfig],
+    ) -> Result<super::PeerChanges, TunnelError> {
+        let device = self
+            .device
+            .upgrade()
+            .ok_or_else(|| TunnelError::WireGuard("the device has stopped".into()))?;
+        let mut applied = self.applied.lock().await;
+        let current = device.peers().await;
+        let mut changes = super::PeerChanges::default();
+        let mut handshakes = Vec::new();
+        device
+            .write(async |device| {
+                for stats in &current {
+                    let key = stats.peer.public_key.to_bytes();
+                    if !peers.iter().any(|peer| peer.public_key.0 == key) {
+                        device.remove_peer(&stats.peer.public_key).await;
+                        tracing::info!(peer = %Key(key).to_base64(), "peer removed");
+                        changes.removed += 1;
+                    }
+                }
+                for peer in peers {
+                    let public_key = x25519::PublicKey::from(peer.public_key.0);
+                    let name = peer.public_key.to_base64();
+                    let Some(stats) = current.iter().find(|s| s.peer.public_key == public_key)
+                    else {
+                        device.add_peer(device_peer(peer));
+                        tracing::info!(peer = %name, "peer added");
+                        if let Some(endpoint) = peer.endpoint {
+                            handshakes.push((peer.public_key, endpoint));
+                        }
+                        changes.added += 1;
+                        continue;
+                    };
+                    let before = applied.iter().find(|p| p.public_key == peer.public_key);
+                    let allowed_ips = normalized(&peer.allowed_ips);
+                    let allowed_changed = normalized(&stats.peer.allowed_ips) != allowed_ips;
+                    let psk = peer.preshared_key.map(|k| k.0);
+                    let psk_changed = stats.peer.preshared_key != psk;
+                    let keepalive = peer.keepalive.filter(|&s| s != 0);
+                    let keepalive_changed = stats.peer.keepalive != keepalive;
+                    // Only a configured endpoint that changed is set: the
+                    // device's own follows the peer as it roams, and a
+                    // removed Endpoint keeps the current one.
+                    let endpoint = peer
+                        .endpoint
+                        .filter(|&e| before.map_or(stats.peer.endpoint, |b| b.endpoint) != Some(e));
+                    if !(allowed_changed || psk_changed || keepalive_changed || endpoint.is_some())
+                    {
+                        changes.unchanged += 1;
+                        continue;
+                    }
+                    device
+                        .modify_peer(&public_key, |modify| {
+                            if allowed_changed {
+                                modify.clear_allowed_ips();
+                                modify.add_allowed_ips(allowed_ips.iter().copied());
+                            }
+                            if psk_changed {
+                                modify.set_preshared_key(psk);
+                            }
+                            if keepalive_changed {
+                                modify.set_keepalive(keepalive);
+                            }
+                            if endpoint.is_some() {
+                                modify.set_endpoint(endpoint);
+                            }
+                        })
+                        .await;
+                    tracing::info!(
+                        peer = %name,
+                        allowed_ips = allowed_changed,
+                        preshared_key = psk_changed,
+                        keepalive = keepalive_changed,
+                        endpoint = endpoint.is_some(),
+                        "peer updated; its session is kept"
+                    );
+                    changes.updated += 1;
+                }
+            })
+            .await
+            .map_err(|error| TunnelError::WireGuard(error.to_string()))?;
+        for (public_key, endpoint) in handshakes {
+            spawn_handshake(&self.handshakes, &device, public_key, endpoint);
+        }
+        *applied = peers.to_vec();
+        Ok(changes)
+    }
+}
+
+/// Allowed IPs as the device stores them: host bits cleared, sorted, no
+/// duplicates.
+fn normalized(networks: &[ipnetwork::IpNetwork]) -> Vec<ipnetwork::IpNetwork> {
+    let mut out: Vec<ipnetwork::IpNetwork> = networks
+        .iter()
+        .filter_map(|net| ipnetwork::IpNetwork::new(net.network(), net.prefix()).ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The device's form of a configured peer.
+fn device_peer(peer: &PeerConfig) -> Peer {
+    if peer.allowed_ips.is_empty() {
+        tracing::warn!(
+            peer = %peer.public_key.to_base64(),
+            "peer has no allowed IPs: no packet will be accepted from it or routed to it"
+        );
+    }
+    let mut device_peer = Peer::new(x25519::PublicKey::from(peer.public_key.0))
+        .with_allowed_ips(peer.allowed_ips.iter().copied());
+    if let Some(psk) = peer.preshared_key {
+        device_peer = device_peer.with_preshared_key(psk.0);
+    }
+    device_peer.endpoint = peer.endpoint;
+    device_peer.keepalive = peer.keepalive.filter(|&seconds| seconds != 0);
+    device_peer
 }
 
 /// Asks the device to initiate a handshake with `public_key` now, and logs

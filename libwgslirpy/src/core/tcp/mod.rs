@@ -647,6 +647,31 @@ impl Tcp {
         None
     }
 
+    /// Resets every connection toward both sides (shutdown); see
+    /// [`conn`]'s `shut_down`. Afterwards the table is empty.
+    pub fn shut_down(&mut self, actions: &mut VecDeque<SocketAction>, stats: &mut Stats) {
+        let mut flows = Vec::with_capacity(self.flows.len());
+        self.flows
+            .drain(|flow, key, conn| flows.push((flow, key, conn)));
+        for (flow, (peer, remote), mut conn) in flows {
+            tracing::debug!(flow = flow.0, %peer, %remote, "TCP connection reset: shutting down");
+            let mut ctx = Ctx {
+                flow,
+                peer,
+                remote,
+                settings: &self.settings,
+                actions,
+                packets: &mut self.packets,
+                ready: &mut self.ready,
+                stats,
+            };
+            let _ = conn.shut_down(&mut ctx);
+        }
+        self.timers.clear();
+        self.ready.clear();
+        self.pending_connects = 0;
+    }
+
     /// Runs `f` on connection `flow`, then removes it if it ended, and
     /// updates its deadline otherwise.
     fn with_conn(

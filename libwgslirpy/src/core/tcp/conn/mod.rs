@@ -382,6 +382,49 @@ impl Conn {
         Alive::No
     }
 
+    /// The gateway is shutting down: reset both sides now. The peer gets a
+    /// RST (a RST+ACK of its SYN while connecting; nothing once its end is
+    /// gone or in TIME-WAIT), and the host socket is aborted (`SO_LINGER`
+    /// 0) so the host side sees a RST rather than a FIN that would pass for
+    /// a complete stream.
+    pub(super) fn shut_down(&mut self, ctx: &mut Ctx<'_>) -> Alive {
+        match self.state {
+            State::TimeWait { .. } => {}
+            State::Connecting { .. } => {
+                let rst = TcpSegment {
+                    seq: 0,
+                    ack: Some(self.irs.wrapping_add(1)),
+                    rst: true,
+                    ..TcpSegment::default()
+                };
+                ctx.send(&rst);
+                ctx.stats.tcp_resets_sent += 1;
+                ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
+            }
+            State::SynSent { .. } | State::SynReceived | State::Open => {
+                // The peer accepts a RST only at exactly its next expected
+                // sequence number (RFC 5961). It has everything we sent
+                // (`snd_max`) unless segments are still lost in flight, when
+                // it expects `snd_una`; so one RST for each.
+                let (max, una) = (self.snd_max, self.snd_una);
+                let seqs = if max == una {
+                    &[max][..]
+                } else {
+                    &[max, una][..]
+                };
+                let peer_done = self.peer_done;
+                for &seq in seqs.iter().filter(|_| !peer_done) {
+                    let mut segment = self.header(ctx.settings, seq);
+                    segment.rst = true;
+                    ctx.send(&segment);
+                    ctx.stats.tcp_resets_sent += 1;
+                }
+                ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
+            }
+        }
+        Alive::No
+    }
+
     // ---- timers --------------------------------------------------------------
 
     /// Runs whatever is due at `now`.
@@ -389,7 +432,7 @@ impl Conn {
         match self.state {
             State::Connecting { since } => {
                 if now >= since + ctx.settings.connect_timeout {
-                    tracing::debug!(flow = ctx.flow.0, remote = %ctx.remote, "TCP connect timed out");
+                    tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connect timed out");
                     ctx.stats.tcp_connect_timeouts += 1;
                     ctx.action(SocketAction::TcpClose { flow: ctx.flow });
                     return Alive::No;
@@ -407,7 +450,7 @@ impl Conn {
             false => ctx.settings.idle_timeout,
         };
         if now >= self.last_activity + idle {
-            tracing::debug!(flow = ctx.flow.0, "TCP connection idle: reset");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connection idle: reset");
             ctx.stats.tcp_idle_closed += 1;
             return self.abort(ctx);
         }
@@ -424,7 +467,7 @@ impl Conn {
             _ => MAX_RETRIES,
         };
         if self.retries > limit {
-            tracing::debug!(flow = ctx.flow.0, "TCP peer stopped answering: reset");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP peer stopped answering: reset");
             ctx.stats.tcp_retransmit_timeouts += 1;
             return self.abort(ctx);
         }
@@ -534,6 +577,8 @@ impl Conn {
             // treats a RST in TIME-WAIT the same way).
             tracing::debug!(
                 flow = ctx.flow.0,
+                peer = %ctx.peer,
+                remote = %ctx.remote,
                 unwritten = self.unwritten,
                 "TCP reset by the peer after both FINs: writing the rest"
             );
@@ -544,7 +589,7 @@ impl Conn {
             return Alive::Yes;
         }
         if seg.seq == self.rcv_nxt {
-            tracing::debug!(flow = ctx.flow.0, "TCP reset by the peer");
+            tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP reset by the peer");
             ctx.action(SocketAction::TcpAbort { flow: ctx.flow });
             return Alive::No;
         }
@@ -804,7 +849,7 @@ impl Conn {
         self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
         self.ooo_fin = None;
         self.ooo = Vec::new();
-        tracing::debug!(flow = ctx.flow.0, "TCP FIN from the peer");
+        tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP FIN from the peer");
         if self.unwritten == 0 {
             self.inbound = Inbound::Shut;
             ctx.action(SocketAction::TcpShutdownWrite { flow: ctx.flow });
@@ -821,7 +866,7 @@ impl Conn {
         }
         ctx.action(SocketAction::TcpClose { flow: ctx.flow });
         ctx.stats.tcp_closed += 1;
-        tracing::debug!(flow = ctx.flow.0, "TCP connection closed");
+        tracing::debug!(flow = ctx.flow.0, peer = %ctx.peer, remote = %ctx.remote, "TCP connection closed");
         if self.closed_first && !self.peer_done {
             self.state = State::TimeWait {
                 until: now + TIME_WAIT,
