@@ -299,7 +299,12 @@ fn wg_set_adds_and_removes_a_peer_at_run_time() {
     let name = format!("{}g", rig.wg_dev);
     let socket = format!("/var/run/wireguard/{name}.sock");
     let mut args = rig.gateway_args().to_vec();
-    args.extend(["--uapi-socket".to_string(), socket]);
+    args.extend([
+        "--uapi-socket".to_string(),
+        socket,
+        "--metrics".to_string(),
+        METRICS.to_string(),
+    ]);
     rig.set_gateway_args(args);
     rig.start_gateway();
     rig.wait_handshake(Duration::from_secs(10));
@@ -332,6 +337,14 @@ fn wg_set_adds_and_removes_a_peer_at_run_time() {
     );
     let shown = wg(&["show", &name, "peers"]).stdout;
     assert!(shown.contains(&keys_b.public), "{shown}");
+    // The router follows the device: the new peer's packets are its own, not
+    // the first peer's (whose allowed IPs cover everything).
+    let (_, body) = scrape(&rig, "/metrics");
+    let labels = format!("peer=\"{}\",direction=\"rx\"", keys_b.public);
+    assert!(
+        sample(&body, "wgslirpy_peer_packets_total", &labels) > 0.0,
+        "{body}"
+    );
 
     wg(&["set", &name, "peer", &keys_b.public, "remove"]);
     let shown = wg(&["show", &name, "peers"]).stdout;

@@ -195,12 +195,20 @@ impl Gateway {
         // After the binds, so that a startup error stays the only line printed.
         raise_fd_limit();
         let handle = self.handle();
+        let tunnel_control = self.tunnel.control.clone();
         let metrics = self.metrics.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving metrics at /metrics and /healthz");
             }
             tokio::spawn(crate::metrics::serve(listener, handle))
         });
+        // `wg set` through the configuration socket changes the device's
+        // peers behind the router's back; the router follows them.
+        let follower = self
+            .config
+            .uapi_socket
+            .is_some()
+            .then(|| tokio::spawn(follow_device_peers(self.requests.clone(), tunnel_control)));
         // The gateway's own sender goes, so the channel closes with the
         // last handle.
         drop(self.requests);
@@ -212,10 +220,51 @@ impl Gateway {
             self.control,
         );
         let result = driver.run(shutdown).await;
-        if let Some(metrics) = metrics {
-            metrics.abort();
+        for task in [metrics, follower].into_iter().flatten() {
+            task.abort();
         }
         result
+    }
+}
+
+/// How often the device's peer list is compared with the router's, when
+/// `wg set` may change it.
+const DEVICE_PEERS_CHECK: Duration = Duration::from_secs(1);
+
+/// Tells the router task of every change to the device's peers (keys and
+/// allowed IPs), such as `wg set NAME peer … allowed-ips …`, within
+/// [`DEVICE_PEERS_CHECK`], so that a peer added at run time gets flow
+/// tables of its own and a removed one's flows close.
+async fn follow_device_peers(
+    requests: mpsc::Sender<control::Request>,
+    tunnel: tunnel::TunnelControl,
+) {
+    let mut known = tunnel.peer_routes().await;
+    let mut check = tokio::time::interval(DEVICE_PEERS_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let now = tunnel.peer_routes().await;
+        let same = now.len() == known.len()
+            && now
+                .iter()
+                .zip(&known)
+                .all(|(a, b)| a.public_key == b.public_key && a.allowed_ips == b.allowed_ips);
+        if same {
+            continue;
+        }
+        tracing::info!(
+            peers = now.len(),
+            "the device's peers changed; the router follows"
+        );
+        if requests
+            .send(control::Request::PeersReloaded(now.clone()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        known = now;
     }
 }
 

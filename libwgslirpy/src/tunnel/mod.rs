@@ -86,6 +86,16 @@ impl TunnelControl {
         }
     }
 
+    /// The peers' public keys and allowed IPs as the transport has them now
+    /// (including changes made through the configuration socket), sorted by
+    /// key; the other fields are left empty. None in raw IP mode.
+    pub async fn peer_routes(&self) -> Vec<PeerConfig> {
+        match &self.0 {
+            ControlInner::WireGuard(control) => control.peer_routes().await,
+            ControlInner::RawIp => Vec::new(),
+        }
+    }
+
     /// Makes `peers` the transport's peer list, keeping the sessions of
     /// peers that stay (see [`PeerChanges`] for what was done).
     pub async fn set_peers(&self, peers: &[PeerConfig]) -> Result<PeerChanges, TunnelError> {

@@ -241,6 +241,28 @@ impl Control {
         peers
     }
 
+    /// The device's peers as the router needs them: public key and allowed
+    /// IPs (normalized), sorted by key. Changes made with `wg set` show here.
+    pub(super) async fn peer_routes(&self) -> Vec<PeerConfig> {
+        let Some(device) = self.device.upgrade() else {
+            return Vec::new();
+        };
+        let mut peers: Vec<PeerConfig> = device
+            .peers()
+            .await
+            .into_iter()
+            .map(|stats| PeerConfig {
+                public_key: Key(stats.peer.public_key.to_bytes()),
+                preshared_key: None,
+                endpoint: None,
+                keepalive: None,
+                allowed_ips: normalized(&stats.peer.allowed_ips),
+            })
+            .collect();
+        peers.sort_by_key(|peer| peer.public_key.0);
+        peers
+    }
+
     /// Makes the device's peers `peers`, as `wg syncconf` would, without
     /// touching the sessions of peers that stay: peers that are gone are
     /// removed; new ones are added (and, with an endpoint, handshaken with
