@@ -285,6 +285,11 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Worker threads: WireGuard encryption and decryption run in parallel on them, beside
+    /// the router. 1 runs everything on one thread. Default: the number of available cores.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
     /// Forward this host UDP port into the WireGuard network: HOST,SOURCE,DEST, where
     /// SOURCE may be empty. Repeatable. Example: -u 0.0.0.0:1234,10.0.2.1:1234,10.0.2.15:1234
     #[arg(short = 'u', long, value_name = "HOST,SOURCE,DEST")]
@@ -540,6 +545,27 @@ mod tests {
     fn parse(args: &[&str]) -> anyhow::Result<Config> {
         let cli = Cli::parse_args(std::iter::once("wgslirpy").chain(args.iter().copied()))?;
         cli.gateway.into_config()
+    }
+
+    #[test]
+    fn threads_is_a_positive_count_and_optional() {
+        let threads = |extra: &[&str]| {
+            let args = [
+                "wgslirpy",
+                "-k",
+                PRIVATE,
+                "-b",
+                "127.0.0.1:9797",
+                "-K",
+                PEER,
+            ];
+            Cli::parse_args(args.iter().chain(extra)).map(|cli| cli.gateway.threads)
+        };
+        assert_eq!(threads(&[]).unwrap(), None);
+        assert_eq!(threads(&["--threads", "1"]).unwrap(), Some(1));
+        assert_eq!(threads(&["--threads", "4"]).unwrap(), Some(4));
+        assert!(threads(&["--threads", "0"]).is_err());
+        assert!(threads(&["--threads", "many"]).is_err());
     }
 
     #[test]

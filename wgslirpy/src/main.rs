@@ -122,14 +122,25 @@ fn print_new_peer(peer: &setup::NewPeer) -> anyhow::Result<()> {
 
 fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let log_format = args.log_format;
+    let threads = args.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     // Kept to re-read the config file on SIGHUP, with the same flags on top.
     let reload = args.config_file().is_some().then(|| args.clone());
     let config = args.into_config()?;
     init_logging(log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    tracing::debug!(threads, "runtime started");
     let result = runtime.block_on(async {
         // Before anything else, so that an early SIGHUP does not kill us.
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
