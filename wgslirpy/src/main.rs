@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let peer = setup::add_peer(&config, name.as_deref(), endpoint.as_deref())?;
             print_new_peer(&peer)?;
             eprintln!(
-                "added peer {} to {}; restart the gateway to use it",
+                "added peer {} to {}; send the running gateway SIGHUP to load it",
                 peer.number,
                 config.display()
             );
