@@ -540,6 +540,18 @@ fn peer_families(e: &mut Exposition, peers: &[PeerStatus], now: SystemTime) {
         );
     }
     e.family(
+        "wgslirpy_peer_handshakes_total",
+        Kind::Counter,
+        "Handshakes completed with each peer.",
+    );
+    for (peer, key) in peers.iter().zip(&keys) {
+        e.sample(
+            "wgslirpy_peer_handshakes_total",
+            &[("peer", key)],
+            peer.handshakes,
+        );
+    }
+    e.family(
         "wgslirpy_peer_last_handshake_timestamp_seconds",
         Kind::Gauge,
         "Unix time of each peer's last completed handshake (absent before the first).",

@@ -95,6 +95,7 @@ fn metrics_grow_with_traffic_and_logs_are_json() {
         ("wgslirpy_packets_total", "direction=\"rx\""),
         ("wgslirpy_packets_total", "direction=\"tx\""),
         ("wgslirpy_peer_bytes_total", rx_bytes.as_str()),
+        ("wgslirpy_peer_packets_total", rx_bytes.as_str()),
         ("wgslirpy_flows_created_total", "protocol=\"udp\""),
         ("wgslirpy_icmp_echo_replies_total", "source=\"local\""),
     ] {
@@ -105,6 +106,13 @@ fn metrics_grow_with_traffic_and_logs_are_json() {
         sample(&after, "wgslirpy_flows_active", "protocol=\"udp\""),
         1.0
     );
+    // The handshake was counted (within the counter's one-second poll).
+    let handshakes = wait_until(Duration::from_secs(3), || {
+        let (_, body) = scrape(&rig, "/metrics");
+        let count = sample(&body, "wgslirpy_peer_handshakes_total", &peer);
+        (count >= 1.0).then_some(count)
+    });
+    assert!(handshakes.is_some(), "no handshake counted");
     let (status, _) = scrape(&rig, "/nothing");
     assert!(status.starts_with("404 "), "{status}");
 

@@ -41,6 +41,7 @@ fn peer() -> PeerStatus {
         rx_bytes: 1000,
         tx_bytes: 2000,
         since_last_handshake: Some(Duration::from_secs(5)),
+        handshakes: 3,
     }
 }
 
@@ -61,6 +62,7 @@ fn exposition_has_the_counters_with_help_and_type() {
         format!("wgslirpy_peer_bytes_total{{peer=\"{key}\",direction=\"tx\"}} 2000"),
         format!("wgslirpy_peer_last_handshake_timestamp_seconds{{peer=\"{key}\"}} 999995.000"),
         "wgslirpy_peers 1".to_owned(),
+        format!("wgslirpy_peer_handshakes_total{{peer=\"{key}\"}} 3"),
         format!("wgslirpy_peer_packets_total{{peer=\"{key}\",direction=\"rx\"}} 10"),
         format!("wgslirpy_peer_packets_total{{peer=\"{key}\",direction=\"tx\"}} 9"),
         format!("wgslirpy_peer_flows_active{{peer=\"{key}\",protocol=\"tcp\"}} 4"),

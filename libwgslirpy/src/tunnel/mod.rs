@@ -121,6 +121,9 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Time since the last completed handshake, if there was one.
     pub since_last_handshake: Option<std::time::Duration>,
+    /// Handshakes completed since the peer was added (counted by polling the
+    /// device every second; gotatun keeps no count).
+    pub handshakes: u64,
 }
 
 /// What [`TunnelControl::set_peers`] did, in numbers of peers.

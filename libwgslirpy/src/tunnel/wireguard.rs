@@ -35,6 +35,7 @@
 //! errors; a warning per packet with a disallowed inner source in debug
 //! builds).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -167,10 +168,18 @@ pub(super) async fn start(
             spawn_handshake(&handshakes, &device, peer.public_key, endpoint);
         }
     }
+    let handshake_counts = HandshakeCounts::default();
+    if let Ok(mut set) = handshakes.lock() {
+        set.spawn(count_handshakes(
+            Arc::downgrade(&device),
+            Arc::clone(&handshake_counts),
+        ));
+    }
     let control = Control {
         device: Arc::downgrade(&device),
         applied: Arc::new(tokio::sync::Mutex::new(peers.to_vec())),
         handshakes: Arc::clone(&handshakes),
+        handshake_counts,
     };
 
     Ok(TunnelHandle {
@@ -205,6 +214,50 @@ fn spawn_handshake(
     }
 }
 
+/// How often [`count_handshakes`] looks at the device's peers. WireGuard
+/// completes at most one handshake per peer in this time (a rekey comes
+/// every two minutes), so none is missed.
+const HANDSHAKE_CHECK: Duration = Duration::from_secs(1);
+
+/// Per peer: handshakes completed, and the time since the last one as last
+/// seen.
+type HandshakeCounts = Arc<std::sync::Mutex<HashMap<[u8; 32], (u64, Option<Duration>)>>>;
+
+/// Counts completed handshakes, which gotatun 0.10.2 does not: a peer's
+/// "time since the last handshake" that appears, or that is shorter than
+/// when last seen, is a new handshake.
+async fn count_handshakes(device: std::sync::Weak<WgDevice>, counts: HandshakeCounts) {
+    let mut check = tokio::time::interval(HANDSHAKE_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let Some(device) = device.upgrade() else {
+            return;
+        };
+        let peers = device.peers().await;
+        drop(device);
+        let Ok(mut counts) = counts.lock() else {
+            return;
+        };
+        counts.retain(|key, _| peers.iter().any(|p| p.peer.public_key.as_bytes() == key));
+        for peer in &peers {
+            let entry = counts
+                .entry(peer.peer.public_key.to_bytes())
+                .or_insert((0, None));
+            let since = peer.stats.last_handshake;
+            let new = match (entry.1, since) {
+                (None, Some(_)) => true,
+                (Some(before), Some(now)) => now < before,
+                (_, None) => false,
+            };
+            if new {
+                entry.0 += 1;
+            }
+            entry.1 = since;
+        }
+    }
+}
+
 /// Inspects and reconfigures the running device for [`super::TunnelControl`].
 ///
 /// Holds the device weakly: a control handle kept by a metrics server or a
@@ -217,6 +270,7 @@ pub(super) struct Control {
     /// device's, which follows the peer as it roams.
     applied: Arc<tokio::sync::Mutex<Vec<PeerConfig>>>,
     handshakes: Handshakes,
+    handshake_counts: HandshakeCounts,
 }
 
 impl Control {
@@ -225,6 +279,11 @@ impl Control {
         let Some(device) = self.device.upgrade() else {
             return Vec::new();
         };
+        let counts = self
+            .handshake_counts
+            .lock()
+            .map(|counts| counts.clone())
+            .unwrap_or_default();
         let mut peers: Vec<super::PeerStatus> = device
             .peers()
             .await
@@ -235,6 +294,9 @@ impl Control {
                 rx_bytes: stats.stats.rx_bytes as u64,
                 tx_bytes: stats.stats.tx_bytes as u64,
                 since_last_handshake: stats.stats.last_handshake,
+                handshakes: counts
+                    .get(&stats.peer.public_key.to_bytes())
+                    .map_or(0, |&(count, _)| count),
             })
             .collect();
         peers.sort_by_key(|peer| peer.public_key.0);
