@@ -98,6 +98,18 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
+    /// A peer with only its key and allowed IPs: no preshared key, no
+    /// endpoint (it is learnt from the peer's first packet), no keepalive.
+    pub fn new(public_key: Key, allowed_ips: Vec<ipnetwork::IpNetwork>) -> Self {
+        PeerConfig {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            keepalive: None,
+            allowed_ips,
+        }
+    }
+
     /// The allowed IPs of a peer configured without any: everything, v4 and v6.
     pub fn allow_all() -> Vec<ipnetwork::IpNetwork> {
         vec![

@@ -478,13 +478,9 @@ impl Parser {
         self.section = match header.to_ascii_lowercase().as_str() {
             "[interface]" => Section::Interface,
             "[peer]" => {
-                self.file.peers.push(PeerConfig {
-                    public_key: Key([0; 32]),
-                    preshared_key: None,
-                    endpoint: None,
-                    keepalive: None,
-                    allowed_ips: Vec::new(),
-                });
+                self.file
+                    .peers
+                    .push(PeerConfig::new(Key([0; 32]), Vec::new()));
                 self.peer_lines.push((line_no, false));
                 Section::Peer
             }

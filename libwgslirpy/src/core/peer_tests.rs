@@ -13,13 +13,10 @@ const A: &str = "10.0.2.15";
 const B: &str = "10.0.2.20";
 
 fn peer(key: u8, allowed: &[&str]) -> PeerConfig {
-    PeerConfig {
-        public_key: Key([key; 32]),
-        preshared_key: None,
-        endpoint: None,
-        keepalive: None,
-        allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
-    }
+    PeerConfig::new(
+        Key([key; 32]),
+        allowed.iter().map(|a| a.parse().unwrap()).collect(),
+    )
 }
 
 /// Peer A holds 10.0.2.0/24, peer B the /32 of 10.0.2.20 inside it, so B's

@@ -281,13 +281,10 @@ mod tests {
     use super::*;
 
     fn peer(key: u8, allowed: &[&str]) -> PeerConfig {
-        PeerConfig {
-            public_key: Key([key; 32]),
-            preshared_key: None,
-            endpoint: None,
-            keepalive: None,
-            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
-        }
+        PeerConfig::new(
+            Key([key; 32]),
+            allowed.iter().map(|a| a.parse().unwrap()).collect(),
+        )
     }
 
     fn ip(text: &str) -> IpAddr {

@@ -313,12 +313,11 @@ impl Control {
             .peers()
             .await
             .into_iter()
-            .map(|stats| PeerConfig {
-                public_key: Key(stats.peer.public_key.to_bytes()),
-                preshared_key: None,
-                endpoint: None,
-                keepalive: None,
-                allowed_ips: normalized(&stats.peer.allowed_ips),
+            .map(|stats| {
+                PeerConfig::new(
+                    Key(stats.peer.public_key.to_bytes()),
+                    normalized(&stats.peer.allowed_ips),
+                )
             })
             .collect();
         peers.sort_by_key(|peer| peer.public_key.0);
@@ -609,11 +608,8 @@ mod tests {
 
     fn peer(public_key: Key, endpoint: Option<SocketAddr>, allowed: &str) -> PeerConfig {
         PeerConfig {
-            public_key,
-            preshared_key: None,
             endpoint,
-            keepalive: None,
-            allowed_ips: vec![allowed.parse().unwrap()],
+            ..PeerConfig::new(public_key, vec![allowed.parse().unwrap()])
         }
     }
 
