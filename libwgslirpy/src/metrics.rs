@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::driver::{GatewayHandle, RouterSnapshot};
-use crate::tunnel::PeerStatus;
+use crate::tunnel::{PeerStatus, TunnelStatus};
 
 /// Connections served at once; more are closed without an answer.
 pub const MAX_CONNECTIONS: usize = 4;
@@ -198,10 +198,10 @@ async fn answer(request: &Request, handle: &GatewayHandle) -> Response {
         ("/healthz", Ok(snapshot)) if !snapshot.shutting_down => Response::text(200, "OK", "ok\n"),
         ("/healthz", Ok(_)) => Response::text(503, "Service Unavailable", "shutting down\n"),
         (_, Ok(snapshot)) => {
-            let peers = handle.peer_status().await;
+            let tunnel = handle.tunnel_status().await;
             Response {
                 content_type: CONTENT_TYPE,
-                ..Response::text(200, "OK", &render(&snapshot, &peers, SystemTime::now()))
+                ..Response::text(200, "OK", &render(&snapshot, &tunnel, SystemTime::now()))
             }
         }
         (_, Err(_)) => Response::text(503, "Service Unavailable", "not running\n"),
@@ -212,7 +212,8 @@ async fn answer(request: &Request, handle: &GatewayHandle) -> Response {
 
 /// The Prometheus text exposition (version 0.0.4) of `router` and `peers`;
 /// `now` turns gotatun's "time since the last handshake" into a timestamp.
-pub fn render(router: &RouterSnapshot, peers: &[PeerStatus], now: SystemTime) -> String {
+pub fn render(router: &RouterSnapshot, tunnel: &TunnelStatus, now: SystemTime) -> String {
+    let peers = &tunnel.peers;
     let mut e = Exposition::default();
     let s = &router.stats;
     let o = &router.occupancy;
@@ -266,6 +267,11 @@ pub fn render(router: &RouterSnapshot, peers: &[PeerStatus], now: SystemTime) ->
         ("forward", s.dropped_forward),
         ("shutdown", s.dropped_shutdown),
         ("no_peer", s.dropped_no_peer),
+        (
+            "spoofed_source",
+            peers.iter().map(|p| p.dropped_source).sum::<u64>(),
+        ),
+        ("no_session", tunnel.dropped_no_session),
     ];
     for (reason, value) in drops {
         e.sample(

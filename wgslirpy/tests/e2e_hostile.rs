@@ -291,3 +291,45 @@ fn syn_and_udp_floods_keep_memory_bounded() {
         "RSS grew from {rss_start} KiB to {peak} KiB: {report:#?}"
     );
 }
+
+/// Killing the gateway and starting it again with the same keys: the peer, which does
+/// nothing, passes traffic again within 30 s. The gateway here does not initiate (no `-p`),
+/// so the peer first sends on its old session, which the new gateway drops and counts as
+/// "no session", until the peer's own timers start a new handshake.
+#[test]
+fn restart_with_the_same_keys_recovers_within_30s() {
+    let Some(mut rig) = Rig::builder("hostile_restart")
+        .gateway_endpoint(false)
+        .peer_keepalive(Some(1))
+        .udp_echo()
+        .gateway_args(&["--metrics", METRICS])
+        .start()
+    else {
+        return;
+    };
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    rig.assert_ping(PINGABLE_V4.into(), 2);
+
+    rig.stop_gateway(libc::SIGKILL, Duration::from_secs(5));
+    rig.start_gateway();
+    let start = Instant::now();
+    let recovered = wait_until(Duration::from_secs(30), || {
+        (rig.ping(&rig.peer, PINGABLE_V4.into(), 1).received > 0).then_some(())
+    });
+    eprintln!(
+        "restart: traffic again after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(recovered.is_some(), "{}", rig.gateway_log());
+    let echo = SocketAddr::new(INET_V4.into(), UDP_ECHO_PORT);
+    let peer = rig.peer.clone();
+    rig.udp_roundtrip(&peer, echo, b"after restart", 3, Duration::from_secs(1))
+        .unwrap_or_else(|out| panic!("no UDP echo after the restart: {out}"));
+    let (_, body) = rig.scrape("/metrics");
+    let no_session = sample(
+        &body,
+        "wgslirpy_dropped_packets_total",
+        "reason=\"no_session\"",
+    );
+    assert!(no_session >= 1.0, "{body}");
+}

@@ -13,48 +13,12 @@ use std::time::{Duration, Instant};
 
 use rig::*;
 
-/// Where the metrics server listens, inside the gateway's namespace.
-const METRICS: &str = "127.0.0.1:9100";
 /// The in-tunnel address of a second peer.
 const PEER2_INNER_V4: &str = "198.19.77.3";
 /// The second peer's WireGuard port.
 const PEER2_PORT: u16 = 51822;
 /// The port of the SIGTERM test's TCP server.
 const OPS_TCP_PORT: u16 = 9000;
-
-/// `curl` of `path` on the metrics server, from the gateway's namespace: (status, body).
-fn scrape(rig: &Rig, path: &str) -> (String, String) {
-    let url = format!("http://{METRICS}{path}");
-    let out = rig.gw.run(&[
-        "curl",
-        "-s",
-        "-m",
-        "5",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code} %{content_type}",
-        &url,
-    ]);
-    let (body, status) = out
-        .stdout
-        .rsplit_once('\n')
-        .unwrap_or_else(|| panic!("curl {url}: {out}"));
-    (status.to_owned(), body.to_owned())
-}
-
-/// The value of the sample `name{labels}` (labels as written, or "" for none).
-fn sample(body: &str, name: &str, labels: &str) -> f64 {
-    let key = if labels.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    body.lines()
-        .find_map(|line| line.strip_prefix(&key)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {key} in\n{body}"))
-}
 
 /// `/metrics` counters grow with traffic, `/healthz` answers 200, and `--log-format json`
 /// writes one JSON object per line.
@@ -69,10 +33,10 @@ fn metrics_grow_with_traffic_and_logs_are_json() {
     };
     rig.wait_handshake(Duration::from_secs(10));
 
-    let (status, health) = scrape(&rig, "/healthz");
+    let (status, health) = rig.scrape("/healthz");
     assert!(status.starts_with("200 "), "{status} {health}");
     assert_eq!(health, "ok\n");
-    let (status, before) = scrape(&rig, "/metrics");
+    let (status, before) = rig.scrape("/metrics");
     assert_eq!(status, "200 text/plain; version=0.0.4; charset=utf-8");
     let peer = format!("peer=\"{}\"", rig.peer_keys().public);
     let rx_bytes = format!("{peer},direction=\"rx\"");
@@ -90,7 +54,7 @@ fn metrics_grow_with_traffic_and_logs_are_json() {
     rig.udp_roundtrip(&peer_ns, server, b"counted", 3, Duration::from_secs(1))
         .unwrap_or_else(|out| panic!("no UDP echo: {out}"));
 
-    let (_, after) = scrape(&rig, "/metrics");
+    let (_, after) = rig.scrape("/metrics");
     for (name, labels) in [
         ("wgslirpy_packets_total", "direction=\"rx\""),
         ("wgslirpy_packets_total", "direction=\"tx\""),
@@ -108,12 +72,12 @@ fn metrics_grow_with_traffic_and_logs_are_json() {
     );
     // The handshake was counted (within the counter's one-second poll).
     let handshakes = wait_until(Duration::from_secs(3), || {
-        let (_, body) = scrape(&rig, "/metrics");
+        let (_, body) = rig.scrape("/metrics");
         let count = sample(&body, "wgslirpy_peer_handshakes_total", &peer);
         (count >= 1.0).then_some(count)
     });
     assert!(handshakes.is_some(), "no handshake counted");
-    let (status, _) = scrape(&rig, "/nothing");
+    let (status, _) = rig.scrape("/nothing");
     assert!(status.starts_with("404 "), "{status}");
 
     let status = rig.stop_gateway(libc::SIGTERM, Duration::from_secs(5));
@@ -347,7 +311,7 @@ fn wg_set_adds_and_removes_a_peer_at_run_time() {
     assert!(shown.contains(&keys_b.public), "{shown}");
     // The router follows the device: the new peer's packets are its own, not
     // the first peer's (whose allowed IPs cover everything).
-    let (_, body) = scrape(&rig, "/metrics");
+    let (_, body) = rig.scrape("/metrics");
     let labels = format!("peer=\"{}\",direction=\"rx\"", keys_b.public);
     assert!(
         sample(&body, "wgslirpy_peer_packets_total", &labels) > 0.0,

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::PeerConfig;
 use crate::core::{Occupancy, Stats};
-use crate::tunnel::{PeerChanges, PeerStatus, TunnelControl, TunnelError};
+use crate::tunnel::{PeerChanges, TunnelControl, TunnelError, TunnelStatus};
 
 /// Requests that may wait for the router task at once; more senders wait.
 pub const CONTROL_QUEUE: usize = 8;
@@ -94,10 +94,10 @@ impl GatewayHandle {
             .map_err(|_| ControlError::NotRunning)?
     }
 
-    /// Every WireGuard peer's counters, from the tunnel; none in raw IP
-    /// mode or once the tunnel has stopped.
-    pub async fn peer_status(&self) -> Vec<PeerStatus> {
-        self.tunnel.peer_status().await
+    /// Every WireGuard peer's counters and the device's own, from the
+    /// tunnel; nothing in raw IP mode or once the tunnel has stopped.
+    pub async fn tunnel_status(&self) -> TunnelStatus {
+        self.tunnel.status().await
     }
 
     /// Replaces the peer list without dropping the sessions of peers that

@@ -41,6 +41,7 @@ fn peer() -> PeerStatus {
         rx_bytes: 1000,
         tx_bytes: 2000,
         since_last_handshake: Some(Duration::from_secs(5)),
+        dropped_source: 2,
         handshakes: 3,
     }
 }
@@ -48,7 +49,11 @@ fn peer() -> PeerStatus {
 #[test]
 fn exposition_has_the_counters_with_help_and_type() {
     let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-    let text = render(&snapshot(), &[peer()], now);
+    let tunnel = crate::tunnel::TunnelStatus {
+        peers: vec![peer()],
+        dropped_no_session: 5,
+    };
+    let text = render(&snapshot(), &tunnel, now);
     let key = Key([1; 32]).to_base64();
     for line in [
         "# TYPE wgslirpy_packets_total counter".to_owned(),
@@ -62,6 +67,8 @@ fn exposition_has_the_counters_with_help_and_type() {
         format!("wgslirpy_peer_bytes_total{{peer=\"{key}\",direction=\"tx\"}} 2000"),
         format!("wgslirpy_peer_last_handshake_timestamp_seconds{{peer=\"{key}\"}} 999995.000"),
         "wgslirpy_peers 1".to_owned(),
+        "wgslirpy_dropped_packets_total{reason=\"spoofed_source\"} 2".to_owned(),
+        "wgslirpy_dropped_packets_total{reason=\"no_session\"} 5".to_owned(),
         format!("wgslirpy_peer_handshakes_total{{peer=\"{key}\"}} 3"),
         format!("wgslirpy_peer_packets_total{{peer=\"{key}\",direction=\"rx\"}} 10"),
         format!("wgslirpy_peer_packets_total{{peer=\"{key}\",direction=\"tx\"}} 9"),

@@ -77,12 +77,12 @@ impl TunnelControl {
         TunnelControl(ControlInner::RawIp)
     }
 
-    /// Every WireGuard peer's counters, sorted by public key; none in raw
-    /// IP mode.
-    pub async fn peer_status(&self) -> Vec<PeerStatus> {
+    /// Every WireGuard peer's counters, sorted by public key, and the
+    /// device's own; nothing in raw IP mode.
+    pub async fn status(&self) -> TunnelStatus {
         match &self.0 {
-            ControlInner::WireGuard(control) => control.peer_status().await,
-            ControlInner::RawIp => Vec::new(),
+            ControlInner::WireGuard(control) => control.status().await,
+            ControlInner::RawIp => TunnelStatus::default(),
         }
     }
 
@@ -108,6 +108,17 @@ impl TunnelControl {
     }
 }
 
+/// What the WireGuard transport counts, from gotatun's device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelStatus {
+    /// Every peer's counters, sorted by public key.
+    pub peers: Vec<PeerStatus>,
+    /// Data packets dropped because no session has their receiver index: a
+    /// peer still using a session from before a restart, say, or garbage
+    /// that looks like data.
+    pub dropped_no_session: u64,
+}
+
 /// One WireGuard peer's counters, from gotatun's device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerStatus {
@@ -121,6 +132,10 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Time since the last completed handshake, if there was one.
     pub since_last_handshake: Option<std::time::Duration>,
+    /// Data packets from the peer dropped because their inner source
+    /// address is not within its allowed IPs (WireGuard's cryptokey
+    /// routing).
+    pub dropped_source: u64,
     /// Handshakes completed since the peer was added (counted by polling the
     /// device every second; gotatun keeps no count).
     pub handshakes: u64,

@@ -274,10 +274,10 @@ pub(super) struct Control {
 }
 
 impl Control {
-    /// Every peer's counters.
-    pub(super) async fn peer_status(&self) -> Vec<super::PeerStatus> {
+    /// Every peer's counters, and the device's own.
+    pub(super) async fn status(&self) -> super::TunnelStatus {
         let Some(device) = self.device.upgrade() else {
-            return Vec::new();
+            return super::TunnelStatus::default();
         };
         let counts = self
             .handshake_counts
@@ -294,13 +294,20 @@ impl Control {
                 rx_bytes: stats.stats.rx_bytes as u64,
                 tx_bytes: stats.stats.tx_bytes as u64,
                 since_last_handshake: stats.stats.last_handshake,
+                dropped_source: stats.stats.rx_dropped_source as u64,
                 handshakes: counts
                     .get(&stats.peer.public_key.to_bytes())
                     .map_or(0, |&(count, _)| count),
             })
             .collect();
         peers.sort_by_key(|peer| peer.public_key.0);
-        peers
+        let dropped_no_session = device
+            .read(async |device| device.rx_dropped_no_session())
+            .await as u64;
+        super::TunnelStatus {
+            peers,
+            dropped_no_session,
+        }
     }
 
     /// The device's peers as the router needs them: public key and allowed

@@ -112,12 +112,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod gateway;
+mod metrics;
 mod netns;
 mod peer;
 mod process;
 mod servers;
 mod traffic;
 
+// Not every suite scrapes the metrics server.
+#[allow(unused_imports)]
+pub use metrics::*;
 pub use netns::*;
 pub use peer::*;
 pub use process::*;
