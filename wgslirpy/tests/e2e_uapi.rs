@@ -12,7 +12,11 @@ use rig::*;
 
 #[test]
 fn wg_show_reports_the_peer_through_the_uapi_socket() {
-    let Some(mut rig) = Rig::builder("wg_show_uapi").defer_gateway().start() else {
+    let Some(mut rig) = Rig::builder("wg_show_uapi")
+        .gateway_keepalive(Some(25))
+        .defer_gateway()
+        .start()
+    else {
         return;
     };
     // `wg show NAME` looks for /var/run/wireguard/NAME.sock; the name is unique per rig.
@@ -43,6 +47,33 @@ fn wg_show_reports_the_peer_through_the_uapi_socket() {
         .find_map(|line| line.trim().strip_prefix("transfer: "))
         .unwrap_or_else(|| panic!("no transfer line: {text}"));
     assert!(!transfer.starts_with("0 B received"), "{transfer}");
+    let endpoint = std::net::SocketAddr::new(PEER_UNDERLAY_V4.into(), PEER_PORT).to_string();
+    assert!(text.contains(&format!("endpoint: {endpoint}")), "{text}");
+    assert!(
+        text.contains("persistent keepalive: every 25 seconds"),
+        "{text}"
+    );
+
+    // `wg showconf` gives the same as a config file.
+    let mut wg = Command::new("wg");
+    wg.args(["showconf", &name]);
+    let conf = run_timeout(wg, Duration::from_secs(5));
+    assert!(conf.success(), "wg showconf failed: {conf:?}");
+    for line in [
+        "[Interface]".to_string(),
+        format!("ListenPort = {GW_PORT}"),
+        "[Peer]".to_string(),
+        format!("PublicKey = {peer_public}"),
+        "AllowedIPs = 0.0.0.0/0, ::/0".to_string(),
+        format!("Endpoint = {endpoint}"),
+        "PersistentKeepalive = 25".to_string(),
+    ] {
+        assert!(
+            conf.stdout.lines().any(|l| l == line),
+            "no {line:?} in\n{}",
+            conf.stdout
+        );
+    }
 
     // A clean shutdown removes the socket.
     let status = rig.stop_gateway(libc::SIGTERM, Duration::from_secs(5));
