@@ -336,8 +336,12 @@ fn wg_set_adds_and_removes_a_peer_at_run_time() {
 /// connection ended (`end KIND reset|eof|hang|...`).
 const TCP_ENDS: &str = r#"
 import socket, sys, threading
+printing = threading.Lock()
 def report(kind, how):
-    print("end", kind, how, flush=True)
+    # One line at a time: the two connections end at about the same moment.
+    with printing:
+        sys.stdout.write("end %s %s\n" % (kind, how))
+        sys.stdout.flush()
 def reason(e):
     return "reset" if e.errno in (104, 32) else "error %s" % e.errno
 def handle(c):
