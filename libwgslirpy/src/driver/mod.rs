@@ -607,7 +607,7 @@ impl Driver {
     fn drain(&mut self) -> Result<(), RunError> {
         // TCP sockets are serviced in place: what they report goes to the
         // core, whose answer (ACKs, more actions) goes round again. Flows
-        // still due after the last round keep `Tcp::poll_due` ready.
+        // still due after the last round keep `TcpSockets::poll_due` ready.
         for _ in 0..TCP_ROUNDS {
             self.carry_out_socket_actions();
             let now = Instant::now();
