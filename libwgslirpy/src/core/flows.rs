@@ -217,6 +217,22 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         }
     }
 
+    /// Removes every flow of `owner`, calling `on_removed` for each (least
+    /// recently used first); returns how many: for a peer that went away.
+    pub fn remove_owner(
+        &mut self,
+        owner: PeerId,
+        mut on_removed: impl FnMut(FlowId, K, V),
+    ) -> usize {
+        let flows = self.flows_of(owner);
+        for &id in &flows {
+            if let Some((key, value)) = self.remove(id) {
+                on_removed(id, key, value);
+            }
+        }
+        flows.len()
+    }
+
     /// Removes every flow, calling `on_removed` for each (oldest activity
     /// first): for closing everything at shutdown.
     pub fn drain(&mut self, mut on_removed: impl FnMut(FlowId, K, V)) {

@@ -186,13 +186,10 @@ impl ReverseUdp {
 
     /// Closes every session of `owner`.
     pub fn close_owner(&mut self, owner: PeerId) -> usize {
-        let flows = self.sessions.flows_of(owner);
-        for &flow in &flows {
-            if let Some((_, session)) = self.sessions.remove(flow) {
-                self.by_tunnel_source.remove(&session.tunnel_source);
-            }
-        }
-        flows.len()
+        let by_tunnel_source = &mut self.by_tunnel_source;
+        self.sessions.remove_owner(owner, |_, _, session| {
+            by_tunnel_source.remove(&session.tunnel_source);
+        })
     }
 
     /// Closes idle sessions.

@@ -133,12 +133,9 @@ impl EchoNat {
 
     /// Closes every identity of `owner`; returns how many.
     pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
-        let flows = self.flows.flows_of(owner);
-        for &flow in &flows {
-            self.flows.remove(flow);
+        self.flows.remove_owner(owner, |flow, _, ()| {
             actions.push_back(SocketAction::IcmpClose { flow });
-        }
-        flows.len()
+        })
     }
 
     /// The number of identities of `owner`.

@@ -111,12 +111,9 @@ impl UdpNat {
 
     /// Closes every flow of `owner`; returns how many.
     pub fn close_owner(&mut self, owner: PeerId, actions: &mut VecDeque<SocketAction>) -> usize {
-        let flows = self.flows.flows_of(owner);
-        for &flow in &flows {
-            self.flows.remove(flow);
+        self.flows.remove_owner(owner, |flow, _, ()| {
             actions.push_back(SocketAction::UdpClose { flow });
-        }
-        flows.len()
+        })
     }
 
     /// The number of flows of `owner`.
