@@ -28,6 +28,16 @@ fn echo_on_gateway_host(rig: &mut Rig) {
     }
 }
 
+/// A rig with a UDP echo server on the internet and on every address of the gateway's
+/// namespace, and a gateway that has shaken hands with the peer; `None` if skipped.
+fn rig_with_host_echo(test: &str) -> Option<Rig> {
+    let mut rig = Rig::builder(test).udp_echo().defer_gateway().start()?;
+    echo_on_gateway_host(&mut rig);
+    rig.start_gateway();
+    rig.wait_handshake(HANDSHAKE_TIMEOUT);
+    Some(rig)
+}
+
 fn udp_echo(rig: &Rig, dst: SocketAddr, payload: &[u8]) -> Option<UdpReply> {
     rig.udp_roundtrip(&rig.peer, dst, payload, 2, Duration::from_millis(700))
         .ok()
@@ -35,16 +45,9 @@ fn udp_echo(rig: &Rig, dst: SocketAddr, payload: &[u8]) -> Option<UdpReply> {
 
 #[test]
 fn gateway_host_is_denied_by_default_and_allow_opens_a_port() {
-    let Some(mut rig) = Rig::builder("policy_default")
-        .udp_echo()
-        .defer_gateway()
-        .start()
-    else {
+    let Some(mut rig) = rig_with_host_echo("policy_default") else {
         return;
     };
-    echo_on_gateway_host(&mut rig);
-    rig.start_gateway();
-    rig.wait_handshake(HANDSHAKE_TIMEOUT);
     let host_service = SocketAddr::new(GW_INET_V4.into(), 7);
     assert_eq!(udp_echo(&rig, host_service, b"let me in"), None);
     // The peer is told why: ICMP "communication administratively prohibited".
@@ -161,16 +164,9 @@ fn spoofed_inner_source_is_dropped() {
 
 #[test]
 fn address_the_host_gains_later_is_denied_within_seconds() {
-    let Some(mut rig) = Rig::builder("policy_new_address")
-        .udp_echo()
-        .defer_gateway()
-        .start()
-    else {
+    let Some(rig) = rig_with_host_echo("policy_new_address") else {
         return;
     };
-    echo_on_gateway_host(&mut rig);
-    rig.start_gateway();
-    rig.wait_handshake(HANDSHAKE_TIMEOUT);
     // An address from TEST-NET-3 that the gateway host takes only now: until the
     // gateway lists its addresses again, it is an ordinary destination.
     let gained: IpAddr = "203.0.113.7".parse().unwrap();
