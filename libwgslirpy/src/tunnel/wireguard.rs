@@ -284,9 +284,11 @@ impl Control {
             .lock()
             .map(|counts| counts.clone())
             .unwrap_or_default();
-        let mut peers: Vec<super::PeerStatus> = device
-            .peers()
-            .await
+        // One read of the device for both, so that they are of one moment.
+        let (stats, dropped_no_session) = device
+            .read(async |device| (device.peers().await, device.rx_dropped_no_session()))
+            .await;
+        let mut peers: Vec<super::PeerStatus> = stats
             .into_iter()
             .map(|stats| super::PeerStatus {
                 public_key: Key(stats.peer.public_key.to_bytes()),
@@ -301,12 +303,9 @@ impl Control {
             })
             .collect();
         peers.sort_by_key(|peer| peer.public_key.0);
-        let dropped_no_session = device
-            .read(async |device| device.rx_dropped_no_session())
-            .await as u64;
         super::TunnelStatus {
             peers,
-            dropped_no_session,
+            dropped_no_session: dropped_no_session as u64,
         }
     }
 
