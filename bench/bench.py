@@ -20,7 +20,8 @@ serving the same kind of wireguard-go peer. Then it measures, in this order:
   3. UDP echo round trips: p50 and p99;
   4. ICMP echo round trips (ping through the gateway to the internet ns): p50;
   5. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
-     with the gateway process's CPU-seconds (utime + stime) per GB received;
+     with the gateway process's CPU-seconds (utime + stime) per GB received, and its
+     busiest thread's (with several threads, the one that limits throughput);
   6. 200 concurrent connections each echoing 1 MB, all byte-exact.
 It prints a markdown table (absolute values and ratios ours / baseline) and writes it to
 bench/results/. Network rule: every packet stays inside the namespaces it creates; they and
@@ -462,10 +463,30 @@ def wait(probe, timeout, what):
 
 
 def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
+    return cpu_seconds_of("/proc/%d/stat" % pid)
+
+
+def cpu_seconds_of(stat_path):
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # utime and stime are fields 14 and 15 of the whole line (1-based): 12 and 13 here.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid):
+    """CPU-seconds (utime + stime) of each thread of `pid`, by thread id."""
+    out = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            out[tid] = cpu_seconds_of("/proc/%d/task/%s/stat" % (pid, tid))
+        except OSError:
+            pass  # the thread ended meanwhile
+    return out
+
+
+def busiest_thread_delta(before, after):
+    """The largest CPU-seconds one thread spent between two thread_cpu_seconds."""
+    return max((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), default=0.0)
 
 
 def rss_bytes(pid):
@@ -557,6 +578,7 @@ def measure_iperf(topo, seconds, res, log):
             argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
                     "-P", str(streams)] + (["-R"] if reverse else [])
             cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+            threads0 = thread_cpu_seconds(pid)
             perf = None
             if topo.perf and topo.kind == "ours" and streams == 4:
                 data = os.path.join(topo.log_dir, "perf-%s.data" % key)
@@ -581,12 +603,14 @@ def measure_iperf(topo, seconds, res, log):
                 log("  perf, gateway during %s (self time, >= 1%%):\n    %s"
                     % (key, "\n    ".join(top[:30])))
             cpu1, peer1 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+            busiest = busiest_thread_delta(threads0, thread_cpu_seconds(pid))
             j = json.loads(out)
             received = j["end"]["sum_received"]
             gb = received["bytes"] / 1e9
             res[key + "_gbps"] = received["bits_per_second"] / 1e9
             res[key + "_cpu_per_gb"] = (cpu1 - cpu0) / gb if gb else float("nan")
             res[key + "_peer_cpu_per_gb"] = (peer1 - peer0) / gb if gb else float("nan")
+            res[key + "_busiest_thread_cpu_per_gb"] = busiest / gb if gb else float("nan")
             res[key + "_retransmits"] = j["end"].get("sum_sent", {}).get("retransmits")
             log("  iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
                 "retransmits %s" % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
@@ -679,6 +703,10 @@ def report(ours, base, args, started):
                       ("down1", "internet → peer, 1 stream"),
                       ("down4", "internet → peer, 4 streams")):
         row("gateway CPU-s per GB, %s" % name, key + "_cpu_per_gb", ".2f", "≤ 2.0 (ours)")
+    for key, name in (("up4", "peer → internet, 4 streams"),
+                      ("down4", "internet → peer, 4 streams")):
+        row("busiest gateway thread, CPU-s per GB, %s" % name,
+            key + "_busiest_thread_cpu_per_gb", ".2f")
     row("short TCP connection, median (ms)", "short_p50", ".3f", "ratio ≤ 0.8 (issue 3: ≤ 1.0)")
     row("short TCP connection, p99 (ms)", "short_p99", ".3f")
     row("UDP echo RTT, p50 (µs)", "udp_p50", ".0f", "ratio ≤ 0.8")
