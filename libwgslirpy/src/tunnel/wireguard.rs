@@ -85,11 +85,14 @@ pub(super) struct Running {
 impl Running {
     /// Stops the device and waits until it has stopped.
     pub(super) async fn stop(self) {
-        let mut handshakes = self
+        // Taken out first: no lock guard may live across the await, or the
+        // future could not move between threads.
+        let handshakes = self
             ._handshakes
             .lock()
-            .map(|mut set| std::mem::take(&mut *set));
-        if let Ok(handshakes) = handshakes.as_mut() {
+            .map(|mut set| std::mem::take(&mut *set))
+            .ok();
+        if let Some(mut handshakes) = handshakes {
             handshakes.shutdown().await;
         }
         if let Some(device) = Arc::into_inner(self._device) {
