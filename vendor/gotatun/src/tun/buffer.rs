@@ -11,9 +11,6 @@
 
 //! Generic buffered IP send and receive implementations.
 
-// wgslirpy patch: the device no longer uses these buffering wrappers.
-#![allow(dead_code)]
-
 use std::{io, sync::Arc, time::Duration};
 
 use crate::{

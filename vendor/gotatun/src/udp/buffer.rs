@@ -11,9 +11,6 @@
 
 //! Generic buffered `UdpTransport` implementation.
 
-// wgslirpy patch: the device no longer uses these buffering wrappers.
-#![allow(dead_code)]
-
 use std::{net::SocketAddr, sync::Arc};
 
 use futures::{FutureExt, select};
