@@ -3,7 +3,8 @@
 //! Two transports sit behind one interface, [`TunnelHandle`]:
 //! - [`wireguard`]: gotatun's device layer, fed through an in-memory IP
 //!   channel instead of a TUN device. It owns the UDP socket, handshakes,
-//!   timers, cookies, roaming and allowed-IPs routing for every peer.
+//!   timers, cookies, roaming and allowed-IPs routing for every peer. Its
+//!   socket sends runs of equal-sized datagrams with UDP GSO (`udp_gso`).
 //! - [`rawip`]: IPv4/IPv6 packets carried bare in UDP datagrams, as Linux GUE
 //!   variant 1 sends them. No authentication at all.
 //!
@@ -15,6 +16,7 @@
 
 pub mod rawip;
 mod uapi;
+mod udp_gso;
 pub mod wireguard;
 
 use std::io;

@@ -51,6 +51,7 @@ use gotatun::x25519;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::udp_gso::GsoSocket;
 use super::{IpPacket, TunnelError, TunnelHandle};
 use crate::config::{Config, Key, PeerConfig};
 
@@ -564,8 +565,8 @@ struct ExactBind {
 }
 
 impl UdpTransportFactory for ExactBind {
-    type Send = UdpSocket;
-    type Recv = UdpSocket;
+    type Send = GsoSocket;
+    type Recv = GsoSocket;
 
     async fn bind(
         &mut self,
@@ -587,6 +588,7 @@ impl UdpTransportFactory for ExactBind {
         if let Err(error) = socket.enable_udp_gro() {
             tracing::debug!(%error, "UDP GRO unavailable");
         }
+        let socket = GsoSocket::new(socket);
         Ok((socket.clone(), socket))
     }
 }
