@@ -499,6 +499,49 @@ fn peer_zero_window_is_probed_with_backoff() {
     assert_eq!(got, b"hello");
 }
 
+/// After a zero-window probe our next sequence number lies beyond the
+/// peer's shut window. ACKs must carry the window's edge instead: the peer
+/// drops a segment outside its window, ACK and all, and would retransmit
+/// what we already have for as long as its window stays shut. (Found as a
+/// stall under load: the peer's echo server blocked on writing to us, its
+/// window shut, and its retransmissions got ACKs it could not accept.)
+#[test]
+fn acks_after_a_zero_window_probe_stay_inside_the_peers_window() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.send_ack(first, 0);
+    h.router.handle_tcp_data(h.now, flow, b"hello");
+    h.advance(Duration::from_millis(200));
+    let probe = h.segs();
+    assert_eq!((probe[0].seq, &probe[0].payload[..]), (first, &b"h"[..]));
+    // The peer drops the probe (its window is still shut) and sends data.
+    let old = h.seq;
+    h.send_data(b"from the peer", false);
+    let mut acks = h.segs();
+    h.actions();
+    h.router.handle_tcp_written(h.now, flow, 13);
+    acks.extend(h.segs());
+    assert!(
+        acks.iter().any(|a| a.ack == Some(h.seq)),
+        "the data is acknowledged: {acks:?}"
+    );
+    for ack in &acks {
+        assert_eq!(ack.seq, first, "inside the shut window: {ack:?}");
+    }
+    // The peer missed those ACKs and retransmits: the ACK it gets back is
+    // again one it can accept.
+    h.send(TcpSegment {
+        seq: old,
+        ack: Some(first),
+        window: 0,
+        payload: b"from the peer",
+        ..TcpSegment::default()
+    });
+    let again = h.segs();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!((again[0].seq, again[0].ack), (first, Some(h.seq)));
+}
+
 #[test]
 fn lost_data_is_retransmitted_on_rto_with_backoff() {
     let mut h = Harness::new(&config());

@@ -58,8 +58,25 @@ impl Conn {
     }
 
     pub(super) fn ack_now(&mut self, ctx: &mut Ctx<'_>) {
-        let segment = self.header(ctx.settings, self.snd_nxt);
+        let segment = self.header(ctx.settings, self.dataless_seq());
         ctx.send(&segment);
+    }
+
+    /// The sequence number for a segment without data (an ACK, a RST):
+    /// `snd_nxt`, unless that lies beyond the peer's window, as it does
+    /// after a zero-window probe. A receiver drops a segment outside its
+    /// window, ACK and all (RFC 793's acceptability test), so an ACK sent
+    /// from there would never reach the peer while its window stays shut:
+    /// it would go on retransmitting what we have already received, and
+    /// neither side would move again. Linux's `tcp_acceptable_seq` picks the
+    /// window's edge the same way.
+    pub(super) fn dataless_seq(&self) -> u32 {
+        let window_end = self.snd_una.wrapping_add(self.snd_wnd);
+        if lt(window_end, self.snd_nxt) {
+            window_end
+        } else {
+            self.snd_nxt
+        }
     }
 
     /// A segment carrying our current ACK and window.
@@ -76,7 +93,7 @@ impl Conn {
     }
 
     pub(super) fn send_rst(&mut self, ctx: &mut Ctx<'_>) {
-        let mut segment = self.header(ctx.settings, self.snd_nxt);
+        let mut segment = self.header(ctx.settings, self.dataless_seq());
         segment.rst = true;
         ctx.send(&segment);
         ctx.stats.tcp_resets_sent += 1;
@@ -158,7 +175,7 @@ impl Conn {
                 if !self.ack_due {
                     return None;
                 }
-                let segment = self.header(ctx.settings, self.snd_nxt);
+                let segment = self.header(ctx.settings, self.dataless_seq());
                 packet::build_tcp(ctx.remote, ctx.peer, &segment)
             }
             State::Open if self.peer_done => None,
@@ -188,7 +205,7 @@ impl Conn {
             if !self.ack_due {
                 return None;
             }
-            let segment = self.header(ctx.settings, self.snd_nxt);
+            let segment = self.header(ctx.settings, self.dataless_seq());
             return packet::build_tcp(ctx.remote, ctx.peer, &segment);
         }
         let mut segment = self.header(ctx.settings, seq);
