@@ -147,7 +147,12 @@ fn serve(args: GatewayArgs) -> anyhow::Result<()> {
             .context("cannot watch SIGHUP")?;
         let gateway = libwgslirpy::Gateway::bind(config.clone()).await?;
         let reloader = tokio::spawn(reload_on_sighup(hangup, reload, config, gateway.handle()));
-        let result = gateway.run(shutdown_signal()).await;
+        // On a worker, not here in `block_on`: the router task then wakes
+        // on the worker that ran the tunnel task waking it, instead of
+        // crossing to this thread for every packet.
+        let result = tokio::spawn(gateway.run(shutdown_signal()))
+            .await
+            .context("the gateway task failed")?;
         reloader.abort();
         anyhow::Ok(result?)
     });

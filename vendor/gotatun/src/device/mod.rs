@@ -30,7 +30,7 @@ use builder::Nul;
 use futures::TryFutureExt;
 use std::collections::HashMap;
 use std::io::{self};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::BitOrAssign;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -43,10 +43,9 @@ use crate::noise::errors::WireGuardError;
 use crate::noise::handshake::parse_handshake_anon;
 use crate::noise::rate_limiter::RateLimiter;
 use crate::noise::{Tunn, TunnResult};
-use crate::packet::{PacketBufPool, WgKind};
+use crate::packet::{Packet, PacketBufPool, WgKind};
 use crate::task::Task;
 use crate::tun::{IpRecv, IpSend, MtuWatcher};
-use crate::udp::buffer::{BufferedUdpReceive, BufferedUdpSend};
 use crate::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use crate::x25519;
 use allowed_ips::AllowedIps;
@@ -205,17 +204,12 @@ impl<T: DeviceTransports> Connection<T> {
             device.port = addr.port();
         }
 
-        let (buffered_ip_tx, buffered_ip_rx) = crate::tun::buffer::channel(
-            MAX_PACKET_BUFS,
-            pool.clone(),
-            Arc::clone(&device.tun_tx),
-            Arc::clone(&device.tun_rx),
-        )
-        .await;
-
-        let buffered_udp_tx = BufferedUdpSend::new(MAX_PACKET_BUFS, udp_tx.clone());
-
-        let buffered_udp_rx = BufferedUdpReceive::new(MAX_PACKET_BUFS, udp_rx, pool.clone());
+        // wgslirpy patch: no buffering tasks between the UDP socket, the
+        // device tasks and the IP channel. Each task reads and writes its
+        // ends itself, in batches, so a packet crosses one task boundary
+        // instead of three.
+        let ip_tx = Arc::clone(&device.tun_tx);
+        let ip_rx = Arc::clone(&device.tun_rx);
 
         // Start DAITA/hooks tasks
         #[cfg(feature = "daita")]
@@ -224,7 +218,7 @@ impl<T: DeviceTransports> Connection<T> {
                 peer_arc,
                 pool.clone(),
                 device.tun_rx_mtu.clone(),
-                buffered_udp_tx.clone(),
+                udp_tx.clone(),
             )
             .await?;
         }
@@ -245,23 +239,23 @@ impl<T: DeviceTransports> Connection<T> {
             "handle_outgoing",
             DeviceState::handle_outgoing(
                 Arc::downgrade(&device_arc),
-                buffered_ip_rx,
-                buffered_udp_tx.clone(),
+                ip_rx,
+                udp_tx.clone(),
                 pool.clone(),
             )
             .map_err(register_fatal_error.clone()),
         );
         let timers = Task::spawn(
             "handle_timers",
-            DeviceState::handle_timers(Arc::downgrade(&device_arc), buffered_udp_tx.clone()),
+            DeviceState::handle_timers(Arc::downgrade(&device_arc), udp_tx.clone()),
         );
         let incoming = Task::spawn(
             "handle_incoming",
             DeviceState::handle_incoming(
                 Arc::downgrade(&device_arc),
-                buffered_ip_tx.clone(),
-                buffered_udp_tx,
-                buffered_udp_rx,
+                ip_tx,
+                udp_tx.clone(),
+                udp_rx,
                 pool.clone(),
             )
             .map_err(register_fatal_error.clone()),
@@ -670,13 +664,18 @@ impl<T: DeviceTransports> DeviceState<T> {
 
     /// Read from UDP socket, decapsulate, write to tunnel device
     #[instrument(level = Level::TRACE, skip_all)]
+    ///
+    /// wgslirpy patch: reads the socket in batches (recvmmsg and GRO, as
+    /// gotatun's buffering task did) and writes to the IP channel itself,
+    /// taking the device lock once per batch.
     async fn handle_incoming(
         device: Weak<RwLock<Self>>,
-        mut tun_tx: impl IpSend,
+        tun_tx: Arc<Mutex<T::IpSend>>,
         udp_tx: impl UdpSend,
         mut udp_rx: impl UdpRecv,
         mut packet_pool: PacketBufPool,
     ) -> Result<(), Error> {
+        let mut tun_tx = lock_transport(tun_tx).await;
         let (private_key, public_key, rate_limiter, mut tun_mtu) = {
             let Some(device) = device.upgrade() else {
                 return Ok(());
@@ -689,11 +688,18 @@ impl<T: DeviceTransports> DeviceState<T> {
             (private_key, public_key, rate_limiter, tun_mtu)
         };
 
+        let mut recv_many_buf = Default::default();
+        let mut received = Vec::new();
         loop {
-            let (src_buf, addr) = udp_rx
-                .recv_from(&mut packet_pool)
+            udp_rx
+                .recv_many_from(&mut recv_many_buf, &mut packet_pool, &mut received)
                 .await
                 .map_err(Error::IoError)?;
+            let Some(device) = device.upgrade() else {
+                return Ok(());
+            };
+            let device_guard = device.read().await;
+            for (src_buf, addr) in received.drain(..) {
             let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
                 Ok(packet) => packet,
                 Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
@@ -707,11 +713,6 @@ impl<T: DeviceTransports> DeviceState<T> {
                 Err(_) => continue,
             };
 
-            let Some(device) = device.upgrade() else {
-                return Ok(());
-            };
-
-            let device_guard = device.read().await;
             let peers = &device_guard.peers;
             let is_data = matches!(parsed_packet, WgKind::Data(_));
             let peer = match &parsed_packet {
@@ -821,22 +822,27 @@ impl<T: DeviceTransports> DeviceState<T> {
                     }
 
                     if let Err(e) = tun_tx.send(packet).await {
-                        tracing::trace!("buffered_tun_send.send failed");
+                        tracing::trace!("tun_send.send failed");
                         return Err(Error::IoError(e));
                     }
                 }
+            }
             }
         }
     }
 
     /// Read from tunnel device, encapsulate, and write to UDP socket for the corresponding peer
+    ///
+    /// wgslirpy patch: reads the IP channel itself and sends each batch
+    /// with sendmmsg, taking the device lock once per batch.
     #[instrument(level = Level::TRACE, skip_all)]
     async fn handle_outgoing(
         device: Weak<RwLock<Self>>,
-        mut tun_rx: impl IpRecv,
+        tun_rx: Arc<Mutex<T::IpRecv>>,
         udp: impl UdpSend,
         mut packet_pool: PacketBufPool,
     ) -> Result<(), Error> {
+        let mut tun_rx = lock_transport(tun_rx).await;
         let mut tun_mtu = {
             let Some(device) = device.upgrade() else {
                 return Ok(());
@@ -844,6 +850,9 @@ impl<T: DeviceTransports> DeviceState<T> {
             let device = device.read().await;
             device.tun_rx_mtu.clone()
         };
+        let max_batch = udp.max_number_of_packets_to_send().max(1);
+        let mut send_many_buf = Default::default();
+        let mut to_send: Vec<(Packet, SocketAddr)> = Vec::with_capacity(max_batch);
 
         loop {
             let packets = match tun_rx.recv(&mut packet_pool).await {
@@ -854,17 +863,16 @@ impl<T: DeviceTransports> DeviceState<T> {
                 }
             };
 
+            let Some(device_arc) = device.upgrade() else {
+                return Ok(());
+            };
+            let device_guard = device_arc.read().await;
+
             for packet in packets {
                 // Determine peer to use from the destination address
                 let Some(dst_addr) = packet.destination() else {
                     continue;
                 };
-
-                let Some(device_arc) = device.upgrade() else {
-                    return Ok(());
-                };
-
-                let device_guard = device_arc.read().await;
 
                 let Some(peer_arc) = device_guard.peers_by_ip.find(dst_addr).cloned() else {
                     if cfg!(debug_assertions) {
@@ -878,10 +886,6 @@ impl<T: DeviceTransports> DeviceState<T> {
 
                 let mut peer = peer_arc.lock().await;
                 let Some(peer_addr) = peer.endpoint().addr else {
-                    // TODO: Implement the following error handling from section 3 of the
-                    // whitepaper: If [peer_addr] matches no peer, it is dropped, and the sender is
-                    // informed by a standard ICMP “no route to host” packet, as well as returning
-                    // -ENOKEY to user space.
                     tracing::error!("No endpoint");
                     continue;
                 };
@@ -907,7 +911,7 @@ impl<T: DeviceTransports> DeviceState<T> {
                 Self::register_handshake_idx(&device_guard.peers_by_idx, &packet, &peer_arc);
 
                 #[cfg(feature = "daita")]
-                let packet = match daita {
+                let packet: Packet = match daita {
                     None => packet.into(),
                     Some(daita) => match daita.on_tunnel_sent(packet) {
                         Some(packet) => packet.into(),
@@ -915,14 +919,51 @@ impl<T: DeviceTransports> DeviceState<T> {
                     },
                 };
                 #[cfg(not(feature = "daita"))]
-                let packet = packet.into();
+                let packet: Packet = packet.into();
 
                 drop(peer); // release lock
-                drop(device_guard);
 
-                if udp.send_to(packet, peer_addr).await.is_err() {
-                    break;
+                // sendmmsg takes one address family at a time.
+                let other_family = to_send
+                    .first()
+                    .is_some_and(|(_, first)| first.is_ipv4() != peer_addr.is_ipv4());
+                if to_send.len() == max_batch || other_family {
+                    send_batch(&udp, &mut send_many_buf, &mut to_send).await;
                 }
+                to_send.push((packet, peer_addr));
+            }
+            drop(device_guard);
+            send_batch(&udp, &mut send_many_buf, &mut to_send).await;
+        }
+    }
+}
+
+/// wgslirpy patch: takes a transport end for the lifetime of a device task.
+/// A stopped connection's task may still be releasing it, hence the wait.
+async fn lock_transport<I>(transport: Arc<Mutex<I>>) -> tokio::sync::OwnedMutexGuard<I> {
+    tokio::time::timeout(Duration::from_secs(5), transport.lock_owned())
+        .await
+        .expect("Deadlock on the IP transport. There must be no more than one device task using it.")
+}
+
+/// wgslirpy patch: sends `packets` (all of one address family) and empties
+/// the vector; on error the rest of the batch is dropped, as before.
+async fn send_batch<U: UdpSend>(
+    udp: &U,
+    send_many_buf: &mut U::SendManyBuf,
+    packets: &mut Vec<(Packet, SocketAddr)>,
+) {
+    match packets.len() {
+        0 => {}
+        1 => {
+            if let Some((packet, addr)) = packets.pop() {
+                let _ = udp.send_to(packet, addr).await;
+            }
+        }
+        _ => {
+            if let Err(e) = udp.send_many_to(send_many_buf, packets).await {
+                tracing::trace!("send_many_to failed: {e:#}");
+                packets.clear();
             }
         }
     }

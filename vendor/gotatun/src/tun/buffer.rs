@@ -11,6 +11,9 @@
 
 //! Generic buffered IP send and receive implementations.
 
+// wgslirpy patch: the device no longer uses these buffering wrappers.
+#![allow(dead_code)]
+
 use std::{io, sync::Arc, time::Duration};
 
 use crate::{

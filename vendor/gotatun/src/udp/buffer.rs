@@ -11,6 +11,9 @@
 
 //! Generic buffered `UdpTransport` implementation.
 
+// wgslirpy patch: the device no longer uses these buffering wrappers.
+#![allow(dead_code)]
+
 use std::{net::SocketAddr, sync::Arc};
 
 use futures::{FutureExt, select};
