@@ -700,133 +700,138 @@ impl<T: DeviceTransports> DeviceState<T> {
             };
             let device_guard = device.read().await;
             for (src_buf, addr) in received.drain(..) {
-            let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
-                Ok(packet) => packet,
-                Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
-                    // Note: Cookies should not affect counters.
-                    udp_tx
-                        .send_to(cookie.into(), addr)
-                        .await
-                        .map_err(Error::IoError)?;
+                let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
+                    Ok(packet) => packet,
+                    Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
+                        // Note: Cookies should not affect counters.
+                        udp_tx
+                            .send_to(cookie.into(), addr)
+                            .await
+                            .map_err(Error::IoError)?;
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+
+                let peers = &device_guard.peers;
+                let is_data = matches!(parsed_packet, WgKind::Data(_));
+                let peer = match &parsed_packet {
+                    WgKind::HandshakeInit(p) => parse_handshake_anon(&private_key, &public_key, p)
+                        .ok()
+                        .and_then(|hh| peers.get(&x25519::PublicKey::from(hh.peer_static_public)))
+                        .cloned(),
+                    WgKind::HandshakeResp(p) => device_guard
+                        .peers_by_idx
+                        .lock()
+                        .get(&p.receiver_idx.get())
+                        .cloned(),
+                    WgKind::CookieReply(p) => device_guard
+                        .peers_by_idx
+                        .lock()
+                        .get(&p.receiver_idx.get())
+                        .cloned(),
+                    WgKind::Data(p) => device_guard
+                        .peers_by_idx
+                        .lock()
+                        .get(&p.header.receiver_idx.get())
+                        .cloned(),
+                };
+                let Some(peer_arc) = peer else {
+                    // wgslirpy patch: count data for no session.
+                    if is_data {
+                        device_guard
+                            .rx_dropped_no_session
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     continue;
-                }
-                Err(_) => continue,
-            };
+                };
+                let mut peer = peer_arc.lock().await;
 
-            let peers = &device_guard.peers;
-            let is_data = matches!(parsed_packet, WgKind::Data(_));
-            let peer = match &parsed_packet {
-                WgKind::HandshakeInit(p) => parse_handshake_anon(&private_key, &public_key, p)
-                    .ok()
-                    .and_then(|hh| peers.get(&x25519::PublicKey::from(hh.peer_static_public)))
-                    .cloned(),
-                WgKind::HandshakeResp(p) => device_guard
-                    .peers_by_idx
-                    .lock()
-                    .get(&p.receiver_idx.get())
-                    .cloned(),
-                WgKind::CookieReply(p) => device_guard
-                    .peers_by_idx
-                    .lock()
-                    .get(&p.receiver_idx.get())
-                    .cloned(),
-                WgKind::Data(p) => device_guard
-                    .peers_by_idx
-                    .lock()
-                    .get(&p.header.receiver_idx.get())
-                    .cloned(),
-            };
-            let Some(peer_arc) = peer else {
-                // wgslirpy patch: count data for no session.
-                if is_data {
-                    device_guard
-                        .rx_dropped_no_session
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                continue;
-            };
-            let mut peer = peer_arc.lock().await;
+                let result = peer.handle_incoming_packet(parsed_packet, addr);
 
-            let result = peer.handle_incoming_packet(parsed_packet, addr);
+                #[cfg(feature = "daita")]
+                let PeerState { tunnel, daita, .. } = &mut *peer;
+                #[cfg(not(feature = "daita"))]
+                let PeerState { tunnel, .. } = &mut *peer;
 
-            #[cfg(feature = "daita")]
-            let PeerState { tunnel, daita, .. } = &mut *peer;
-            #[cfg(not(feature = "daita"))]
-            let PeerState { tunnel, .. } = &mut *peer;
+                match result {
+                    TunnResult::Done => {}
+                    TunnResult::Err(_) => continue,
+                    // Flush pending queue
+                    TunnResult::WriteToNetwork(packet) => {
+                        // Register sender_idx from outgoing handshake packets
+                        Self::register_handshake_idx(
+                            &device_guard.peers_by_idx,
+                            &packet,
+                            &peer_arc,
+                        );
 
-            match result {
-                TunnResult::Done => {}
-                TunnResult::Err(_) => continue,
-                // Flush pending queue
-                TunnResult::WriteToNetwork(packet) => {
-                    // Register sender_idx from outgoing handshake packets
-                    Self::register_handshake_idx(&device_guard.peers_by_idx, &packet, &peer_arc);
+                        // TODO: does this end up with the packets being out-of-order?
+                        let packets =
+                            std::iter::once(packet).chain(tunnel.get_queued_packets(&mut tun_mtu));
 
-                    // TODO: does this end up with the packets being out-of-order?
-                    let packets =
-                        std::iter::once(packet).chain(tunnel.get_queued_packets(&mut tun_mtu));
+                        #[cfg(feature = "daita")]
+                        let packets = packets.filter_map(|p| match daita {
+                            Some(daita) => daita.on_tunnel_sent(p),
+                            None => Some(p),
+                        });
 
-                    #[cfg(feature = "daita")]
-                    let packets = packets.filter_map(|p| match daita {
-                        Some(daita) => daita.on_tunnel_sent(p),
-                        None => Some(p),
-                    });
+                        for packet in packets {
+                            if let Err(_err) = udp_tx.send_to(packet.into(), addr).await {
+                                tracing::trace!("udp.send_to failed");
+                                break;
+                            }
+                        }
+                    }
+                    #[cfg_attr(not(feature = "daita"), expect(unused_mut))]
+                    TunnResult::WriteToTunnel(mut packet) => {
+                        #[cfg(feature = "daita")]
+                        if let Some(daita) = daita {
+                            match daita.on_data_recv(packet) {
+                                Some(new) => packet = new,
+                                None => continue,
+                            }
+                        }
 
-                    for packet in packets {
-                        if let Err(_err) = udp_tx.send_to(packet.into(), addr).await {
-                            tracing::trace!("udp.send_to failed");
-                            break;
+                        // keepalive
+                        if packet.is_empty() {
+                            continue;
+                        }
+                        let Ok(packet) = packet.try_into_ipvx() else {
+                            continue;
+                        };
+
+                        // Only accept the incoming packet if an outgoing packet to the source IP address
+                        // would be routed to the same peer. This is determined by the most specific
+                        // matching allowed IP range on the device.
+                        let (source, packet): (IpAddr, _) = packet.either(
+                            |ipv4| (ipv4.header.source().into(), ipv4.into()),
+                            |ipv6| (ipv6.header.source().into(), ipv6.into()),
+                        );
+                        let routed_to_this_peer = device_guard
+                            .peers_by_ip
+                            .find(source)
+                            .is_some_and(|owner| Arc::ptr_eq(owner, &peer_arc));
+                        if !routed_to_this_peer {
+                            // wgslirpy patch: count the drop.
+                            peer.rx_dropped_source += 1;
+                            if cfg!(debug_assertions) {
+                                let unspecified =
+                                    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into();
+                                tracing::warn!(
+                                    "peer at {} is not allowed to send us packets from: {source}",
+                                    peer.endpoint().addr.unwrap_or(unspecified)
+                                );
+                            }
+                            continue;
+                        }
+
+                        if let Err(e) = tun_tx.send(packet).await {
+                            tracing::trace!("tun_send.send failed");
+                            return Err(Error::IoError(e));
                         }
                     }
                 }
-                #[cfg_attr(not(feature = "daita"), expect(unused_mut))]
-                TunnResult::WriteToTunnel(mut packet) => {
-                    #[cfg(feature = "daita")]
-                    if let Some(daita) = daita {
-                        match daita.on_data_recv(packet) {
-                            Some(new) => packet = new,
-                            None => continue,
-                        }
-                    }
-
-                    // keepalive
-                    if packet.is_empty() {
-                        continue;
-                    }
-                    let Ok(packet) = packet.try_into_ipvx() else {
-                        continue;
-                    };
-
-                    // Only accept the incoming packet if an outgoing packet to the source IP address
-                    // would be routed to the same peer. This is determined by the most specific
-                    // matching allowed IP range on the device.
-                    let (source, packet): (IpAddr, _) = packet.either(
-                        |ipv4| (ipv4.header.source().into(), ipv4.into()),
-                        |ipv6| (ipv6.header.source().into(), ipv6.into()),
-                    );
-                    let routed_to_this_peer = device_guard
-                        .peers_by_ip
-                        .find(source)
-                        .is_some_and(|owner| Arc::ptr_eq(owner, &peer_arc));
-                    if !routed_to_this_peer {
-                        // wgslirpy patch: count the drop.
-                        peer.rx_dropped_source += 1;
-                        if cfg!(debug_assertions) {
-                            let unspecified = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into();
-                            tracing::warn!(
-                                "peer at {} is not allowed to send us packets from: {source}",
-                                peer.endpoint().addr.unwrap_or(unspecified)
-                            );
-                        }
-                        continue;
-                    }
-
-                    if let Err(e) = tun_tx.send(packet).await {
-                        tracing::trace!("tun_send.send failed");
-                        return Err(Error::IoError(e));
-                    }
-                }
-            }
             }
         }
     }
@@ -943,7 +948,9 @@ impl<T: DeviceTransports> DeviceState<T> {
 async fn lock_transport<I>(transport: Arc<Mutex<I>>) -> tokio::sync::OwnedMutexGuard<I> {
     tokio::time::timeout(Duration::from_secs(5), transport.lock_owned())
         .await
-        .expect("Deadlock on the IP transport. There must be no more than one device task using it.")
+        .expect(
+            "Deadlock on the IP transport. There must be no more than one device task using it.",
+        )
 }
 
 /// wgslirpy patch: sends `packets` (all of one address family) and empties
