@@ -467,12 +467,19 @@ fn slow_host_writes_close_the_peers_window() {
     assert_eq!(writes(&h.actions()), b"more");
 }
 
-#[test]
-fn peer_zero_window_is_probed_with_backoff() {
-    let mut h = Harness::new(&config());
+/// An established connection whose peer has shut its window, with "hello"
+/// from the host waiting: (flow, our first sequence number).
+fn window_shut_with_data_waiting(h: &mut Harness) -> (FlowId, u32) {
     let (flow, first) = h.establish();
     h.send_ack(first, 0);
     h.router.handle_tcp_data(h.now, flow, b"hello");
+    (flow, first)
+}
+
+#[test]
+fn peer_zero_window_is_probed_with_backoff() {
+    let mut h = Harness::new(&config());
+    let (_, first) = window_shut_with_data_waiting(&mut h);
     assert!(h.segs().is_empty(), "nothing fits a zero window");
     // The handshake measured no delay: the RTO is at its 200 ms floor.
     h.advance(Duration::from_millis(199));
@@ -508,9 +515,7 @@ fn peer_zero_window_is_probed_with_backoff() {
 #[test]
 fn acks_after_a_zero_window_probe_stay_inside_the_peers_window() {
     let mut h = Harness::new(&config());
-    let (flow, first) = h.establish();
-    h.send_ack(first, 0);
-    h.router.handle_tcp_data(h.now, flow, b"hello");
+    let (flow, first) = window_shut_with_data_waiting(&mut h);
     h.advance(Duration::from_millis(200));
     let probe = h.segs();
     assert_eq!((probe[0].seq, &probe[0].payload[..]), (first, &b"h"[..]));
