@@ -3,9 +3,9 @@
 
 Run it through bench/run.sh (which builds the release binary), as root:
 
-    sudo bench/run.sh [--quick] [--binary PATH] [--gateway-arg ARG ...]
+    sudo bench/run.sh [--quick] [--binary PATH] [--gateway-arg ARG ...] [--measure LIST]
 
-For each gateway in turn it builds three network namespaces, as the end-to-end rig does:
+For each gateway it builds three network namespaces, as the end-to-end rig does:
 
     peer ns (wireguard-go peer) --veth-- gateway ns --veth-- internet ns (servers)
 
@@ -13,18 +13,21 @@ and in the gateway ns runs either
   * wgslirpy (release build), or
   * the BASELINE: a second wireguard-go with kernel forwarding (ip_forward) and nftables
     masquerade toward the internet ns,
-serving the same kind of wireguard-go peer. Then it measures, in this order:
-  1. 10,000 idle TCP connections: gateway RSS and descriptors before, with them open, and
-     after they close; all 10,000 must still echo;
-  2. short TCP connections (connect, one request, one reply, close): median and p99;
-  3. UDP echo round trips: p50 and p99;
-  4. ICMP echo round trips (ping through the gateway to the internet ns): p50;
-  5. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
-     with the gateway process's CPU-seconds (utime + stime) per GB received, and its
-     busiest thread's (with several threads, the one that limits throughput);
-  6. 200 concurrent connections each echoing 1 MB, all byte-exact.
-It prints a markdown table (absolute values and ratios ours / baseline) and writes it to
-bench/results/. Network rule: every packet stays inside the namespaces it creates; they and
+serving the same kind of wireguard-go peer. Both topologies are up at once. It measures:
+  1. per gateway, 10,000 idle TCP connections: gateway RSS and descriptors before, with
+     them open, and after they close; all 10,000 must still echo;
+  2. latency, in rounds that alternate between the two gateways (so that the shared
+     machine's drift during the run weighs on both alike):
+     short TCP connections (connect, one request, one reply, close), median and p99;
+     UDP echo round trips, p50 and p99; ICMP echo round trips, p50;
+  3. per gateway, one busy at a time: iperf3 TCP throughput, peer -> internet and
+     internet -> peer (-R), 1 and 4 streams, with the gateway process's CPU-seconds
+     (utime + stime) per GB received, and its busiest thread's (with several threads, the
+     one that limits throughput); then 200 concurrent connections each echoing 1 MB, all
+     byte-exact.
+`--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, iperf,
+echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
+baseline) and writes it to bench/results/. Network rule: every packet stays inside the namespaces it creates; they and
 every process it starts are removed (by PID) at the end, also on failure or Ctrl-C.
 
 The same file is also the servers and clients it runs inside the namespaces
@@ -543,31 +546,74 @@ def measure_idle(topo, count, res, log):
            " ".join(echoed), fds0, fds1, fds2, rss2 / 2**20))
 
 
-def measure_short(topo, count, res, log):
-    client(topo, ["short", INET_V4, "20"], 60)  # warm up
+def short_times(topo, count):
+    """Milliseconds per short connection, `count` of them."""
     out = client(topo, ["short", INET_V4, str(count)], 300)
-    times = [float(t) for t in out.split("times", 1)[1].split()]
-    res.update(short_p50=statistics.median(times), short_p99=percentile(times, 99))
-    log("  short connections: p50 %.3f ms, p99 %.3f ms (%d)"
-        % (res["short_p50"], res["short_p99"], count))
+    return [float(t) for t in out.split("times", 1)[1].split()]
 
 
-def measure_udp(topo, count, res, log):
+def udp_times(topo, count):
+    """Microseconds per UDP echo, `count` of them, and how many datagrams were lost."""
     out = client(topo, ["udp", INET_V4, str(count)], 300)
-    times = [float(t) for t in out.split("times", 1)[1].split()]
-    lost = int(out.split("lost", 1)[1].split()[0])
-    res.update(udp_p50=statistics.median(times), udp_p99=percentile(times, 99), udp_lost=lost)
-    log("  UDP echo RTT: p50 %.0f us, p99 %.0f us, lost %d"
-        % (res["udp_p50"], res["udp_p99"], lost))
+    return ([float(t) for t in out.split("times", 1)[1].split()],
+            int(out.split("lost", 1)[1].split()[0]))
 
 
-def measure_icmp(topo, count, res, log):
+def icmp_times(topo, count):
+    """Milliseconds per answered ping, `count` pings."""
     out = topo.sh("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", INET_V4,
                   ns="peer", check=False, timeout=60)
-    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
-    res.update(icmp_p50=statistics.median(times) if times else float("nan"),
-               icmp_received=len(times))
-    log("  ICMP RTT: p50 %.3f ms (%d of %d answered)" % (res["icmp_p50"], len(times), count))
+    return [float(m) for m in re.findall(r"time=([\d.]+) ms", out)]
+
+
+LATENCY_ROUNDS = 5
+
+
+def measure_latency(topos, results, args, log):
+    """Short connections, UDP echoes and pings through every gateway, in LATENCY_ROUNDS
+    rounds that alternate between the gateways (ours first in even rounds), so that drift
+    in the shared machine's speed during the run weighs on both alike."""
+    wanted = [m for m in ("short", "udp", "icmp") if m in args.measure]
+    if not wanted:
+        return
+    samples = {kind: {"short": [], "udp": [], "icmp": [], "udp_lost": 0,
+                      "short_round_p50": []} for kind in topos}
+    for topo in topos.values():
+        short_times(topo, 20)  # warm up
+    for r in range(LATENCY_ROUNDS):
+        order = list(topos) if r % 2 == 0 else list(reversed(list(topos)))
+        for kind in order:
+            topo, got = topos[kind], samples[kind]
+            if "short" in wanted:
+                times = short_times(topo, max(1, args.short // LATENCY_ROUNDS))
+                got["short"] += times
+                got["short_round_p50"].append(round(statistics.median(times), 3))
+            if "udp" in wanted:
+                times, lost = udp_times(topo, max(1, args.udp // LATENCY_ROUNDS))
+                got["udp"] += times
+                got["udp_lost"] += lost
+            if "icmp" in wanted:
+                got["icmp"] += icmp_times(topo, max(1, args.icmp // LATENCY_ROUNDS))
+        log("  latency round %d of %d done" % (r + 1, LATENCY_ROUNDS))
+    for kind, got in samples.items():
+        res = results[kind]
+        if got["short"]:
+            res.update(short_p50=statistics.median(got["short"]),
+                       short_p99=percentile(got["short"], 99),
+                       short_round_p50=got["short_round_p50"])
+            log("  %s: short connections p50 %.3f ms (rounds: %s), p99 %.3f ms"
+                % (kind, res["short_p50"], " ".join(map(str, got["short_round_p50"])),
+                   res["short_p99"]))
+        if got["udp"]:
+            res.update(udp_p50=statistics.median(got["udp"]), udp_p99=percentile(got["udp"], 99),
+                       udp_lost=got["udp_lost"])
+            log("  %s: UDP echo RTT p50 %.0f us, p99 %.0f us, lost %d"
+                % (kind, res["udp_p50"], res["udp_p99"], res["udp_lost"]))
+        if "icmp" in wanted:
+            res.update(icmp_p50=statistics.median(got["icmp"]) if got["icmp"] else float("nan"),
+                       icmp_received=len(got["icmp"]))
+            log("  %s: ICMP RTT p50 %.3f ms (%d answered)"
+                % (kind, res["icmp_p50"], res["icmp_received"]))
 
 
 def measure_iperf(topo, seconds, res, log):
@@ -625,27 +671,44 @@ def measure_echo(topo, conns, res, log):
     log("  %d x 1 MB echoes: %d byte-exact in %.1f s" % (conns, res["echo_ok"], res["echo_s"]))
 
 
-def run_one(kind, args, log_dir, log):
-    topo = Topology(kind, args.binary, args.gateway_arg, log_dir)
-    topo.perf = args.perf
-    res = {"kind": kind}
+def run_all(kinds, args, log_dir, log):
+    """Brings up a topology for each gateway in `kinds`, all at once, and measures them:
+    each gateway's idle connections, then the latencies in interleaved rounds, then each
+    gateway's throughput and echoes (one gateway busy at a time). Returns the results by
+    kind."""
+    topos, results = {}, {}
     try:
-        log("== %s ==" % ("wgslirpy" if kind == "ours" else "baseline (wireguard-go + kernel "
-                          "forwarding + nftables masquerade)"))
-        topo.up()
-        res["rss_start"] = rss_bytes(topo.gateway_pid)
-        measure_idle(topo, args.idle, res, log)
-        measure_short(topo, args.short, res, log)
-        measure_udp(topo, args.udp, res, log)
-        measure_icmp(topo, args.icmp, res, log)
-        measure_iperf(topo, args.seconds, res, log)
-        measure_echo(topo, args.echoes, res, log)
-        res["rss_end"] = rss_bytes(topo.gateway_pid)
-        res["gateway_alive"] = topo.procs and all(
-            p.poll() is None for p in topo.procs if p.pid == topo.gateway_pid)
+        for kind in kinds:
+            topo = Topology(kind, args.binary, args.gateway_arg, log_dir)
+            topo.perf = args.perf
+            topos[kind] = topo
+            results[kind] = {"kind": kind}
+            topo.up()
+            results[kind]["rss_start"] = rss_bytes(topo.gateway_pid)
+        for kind, topo in topos.items():
+            log("== %s ==" % NAMES[kind])
+            if "idle" in args.measure:
+                measure_idle(topo, args.idle, results[kind], log)
+        log("== latency, both gateways in turn ==")
+        measure_latency(topos, results, args, log)
+        for kind, topo in topos.items():
+            log("== %s ==" % NAMES[kind])
+            res = results[kind]
+            if "iperf" in args.measure:
+                measure_iperf(topo, args.seconds, res, log)
+            if "echo" in args.measure:
+                measure_echo(topo, args.echoes, res, log)
+            res["rss_end"] = rss_bytes(topo.gateway_pid)
+            res["gateway_alive"] = topo.procs and all(
+                p.poll() is None for p in topo.procs if p.pid == topo.gateway_pid)
     finally:
-        topo.close()
-    return res
+        for topo in topos.values():
+            topo.close()
+    return results
+
+
+NAMES = {"ours": "wgslirpy",
+         "baseline": "baseline (wireguard-go + kernel forwarding + nftables masquerade)"}
 
 
 def fmt(v, spec):
@@ -746,6 +809,9 @@ def report(ours, base, args, started):
     return "\n".join(lines)
 
 
+MEASURES = ("idle", "short", "udp", "icmp", "iperf", "echo")
+
+
 def orchestrate(argv):
     ap = argparse.ArgumentParser(prog="bench/run.sh", description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/wgslirpy"))
@@ -755,8 +821,14 @@ def orchestrate(argv):
     ap.add_argument("--perf", action="store_true",
                     help="profile wgslirpy with perf during the 4-stream upload and download")
     ap.add_argument("--only", choices=["ours", "baseline"], help="measure one gateway only")
+    ap.add_argument("--measure", default=",".join(MEASURES),
+                    type=lambda v: v.split(","),
+                    help="comma-separated subset of %s (default: all)" % ",".join(MEASURES))
     ap.add_argument("--out", help="results file (default bench/results/<date>-<commit>.md)")
     args = ap.parse_args(argv)
+    unknown = set(args.measure) - set(MEASURES)
+    if unknown:
+        ap.error("unknown --measure: %s" % ",".join(sorted(unknown)))
     args.idle, args.short, args.udp, args.icmp, args.seconds, args.echoes = (
         (1000, 100, 200, 20, 2, 20) if args.quick else (10000, 500, 1000, 100, 4, 200))
     if os.geteuid() != 0:
@@ -771,13 +843,9 @@ def orchestrate(argv):
 
     # Ctrl-C and SIGTERM unwind through the `finally` blocks that clean up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    results = {}
-    for kind in ("ours", "baseline"):
-        if args.only and args.only != kind:
-            results[kind] = {}
-            continue
-        results[kind] = run_one(kind, args, log_dir, log)
-    text = report(results["ours"], results["baseline"], args, started)
+    kinds = [kind for kind in ("ours", "baseline") if args.only in (None, kind)]
+    results = run_all(kinds, args, log_dir, log)
+    text = report(results.get("ours", {}), results.get("baseline", {}), args, started)
     out = args.out or os.path.join(HERE, "results", "%s-%s.md" % (
         started.strftime("%Y%m%d-%H%M"),
         subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],

@@ -51,6 +51,7 @@ pub mod control;
 mod dns;
 mod forward;
 mod icmp;
+mod ready;
 mod tcp;
 mod udp;
 
@@ -64,6 +65,7 @@ use crate::config::ConfigError;
 use crate::core::{DnsOutcome, DnsQueryId, FlowId, Router, SocketAction};
 use crate::tunnel::{self, TunnelError, TunnelHandle};
 use tcp::TcpEvent;
+use udp::UdpEvent;
 
 /// Most packets taken from the tunnel in one wake-up before other inputs get
 /// a turn.
@@ -318,22 +320,10 @@ fn host_addresses() -> Vec<std::net::IpAddr> {
 /// What host sockets report to the router task.
 #[derive(Debug)]
 enum HostEvent {
-    /// A datagram arrived on a flow's UDP socket.
-    UdpDatagram {
-        flow: FlowId,
-        from: std::net::SocketAddr,
-        payload: bytes::Bytes,
-    },
     /// A DNS lookup or forwarded query has a result.
     DnsResult {
         query: DnsQueryId,
         outcome: DnsOutcome,
-    },
-    /// A destination of a flow's UDP socket answered with an ICMP error.
-    UdpUnreachable {
-        flow: FlowId,
-        dest: std::net::SocketAddr,
-        why: crate::core::packet::IcmpError,
     },
     /// A connection was accepted on a reverse TCP forward's HOST socket.
     TcpAccepted {
@@ -390,7 +380,7 @@ impl Driver {
             tunnel,
             dns: dns::DnsDriver::new(config, events_tx.clone()),
             tcp: tcp::TcpSockets::new(),
-            udp: udp::UdpSockets::new(events_tx.clone()),
+            udp: udp::UdpSockets::new(),
             echo: icmp::EchoSockets::new(events_tx),
             udp_forwards,
             tcp_forwards,
@@ -448,8 +438,9 @@ impl Driver {
                     self.handle_event(event);
                     self.drain_events(EVENT_BATCH - 1)?;
                 }
-                // `drain` below services the due TCP sockets.
+                // `drain` below services the due TCP and UDP sockets.
                 () = std::future::poll_fn(|cx| self.tcp.poll_due(cx)) => {}
+                () = std::future::poll_fn(|cx| self.udp.poll_due(cx)) => {}
                 permit = outgoing.reserve(), if self.router.has_transmit() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     if let Some(packet) = self.router.poll_transmit() {
@@ -550,16 +541,6 @@ impl Driver {
     fn handle_event(&mut self, event: HostEvent) {
         let now = Instant::now();
         match event {
-            HostEvent::UdpDatagram {
-                flow,
-                from,
-                payload,
-            } => {
-                self.router.handle_udp_datagram(now, flow, from, &payload);
-            }
-            HostEvent::UdpUnreachable { flow, dest, why } => {
-                self.router.handle_udp_unreachable(now, flow, dest, why);
-            }
             HostEvent::ForwardDatagram {
                 forward,
                 from,
@@ -605,6 +586,17 @@ impl Driver {
 
     /// Carries out every pending output of the router.
     fn drain(&mut self) -> Result<(), RunError> {
+        self.carry_out_socket_actions();
+        let now = Instant::now();
+        let router = &mut self.router;
+        self.udp.service(|flow, event| match event {
+            UdpEvent::Datagram { from, payload } => {
+                router.handle_udp_datagram(now, flow, from, payload);
+            }
+            UdpEvent::Unreachable { dest, why } => {
+                router.handle_udp_unreachable(now, flow, dest, why);
+            }
+        });
         // TCP sockets are serviced in place: what they report goes to the
         // core, whose answer (ACKs, more actions) goes round again. Flows
         // still due after the last round keep `TcpSockets::poll_due` ready.

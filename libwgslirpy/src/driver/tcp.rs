@@ -1,7 +1,7 @@
 //! Host TCP sockets for the router's TCP connections.
 //!
 //! The router task does every TCP socket call itself; there is no task per
-//! connection. Each socket has a waker of its own ([`FlowWaker`]) that
+//! connection. Each socket has a waker of its own ([`super::ready`]) that
 //! tokio's reactor calls when the socket turns readable or writable: it
 //! puts the flow on a shared ready list and wakes the router task. The
 //! router task then *services* the flow ([`TcpSockets::service`]), without
@@ -31,15 +31,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, Bytes};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpStream;
 
+use super::ready::{DueFlows, SocketWaker};
 use crate::core::{ConnectError, FlowId};
 
 /// Most bytes read from one socket in one service.
@@ -66,58 +65,10 @@ pub(super) enum TcpEvent<'a> {
     Error,
 }
 
-/// Flows that tokio's reactor found ready, and the router task's waker.
-#[derive(Default)]
-struct ReadyList {
-    state: Mutex<ReadyState>,
-}
-
-#[derive(Default)]
-struct ReadyState {
-    flows: Vec<FlowId>,
-    waker: Option<Waker>,
-}
-
-impl ReadyList {
-    fn push(&self, flow: FlowId) {
-        let waker = match self.state.lock() {
-            Ok(mut state) => {
-                state.flows.push(flow);
-                state.waker.take()
-            }
-            Err(_) => None,
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-}
-
-/// The waker tokio's reactor calls for one flow's socket. It queues the
-/// flow at most once until the router task services it.
-struct FlowWaker {
-    flow: FlowId,
-    queued: AtomicBool,
-    ready: Arc<ReadyList>,
-}
-
-impl Wake for FlowWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.queued.swap(true, Ordering::AcqRel) {
-            self.ready.push(self.flow);
-        }
-    }
-}
-
 /// One connection's socket and what the core asked of it.
 struct Flow {
     stream: TcpStream,
-    flow_waker: Arc<FlowWaker>,
-    waker: Waker,
+    waker: SocketWaker,
     connecting: bool,
     /// Bytes to write, in order.
     pending: VecDeque<Bytes>,
@@ -132,9 +83,7 @@ struct Flow {
 /// The open TCP sockets, by flow.
 pub(super) struct TcpSockets {
     flows: HashMap<FlowId, Flow>,
-    ready: Arc<ReadyList>,
-    /// Flows to service next.
-    due: Vec<FlowId>,
+    due: DueFlows,
     /// The flows being serviced; kept to reuse its allocation.
     servicing: Vec<FlowId>,
     read_buf: Box<[u8]>,
@@ -146,8 +95,7 @@ impl TcpSockets {
     pub(super) fn new() -> Self {
         TcpSockets {
             flows: HashMap::new(),
-            ready: Arc::default(),
-            due: Vec::new(),
+            due: DueFlows::default(),
             servicing: Vec::new(),
             read_buf: vec![0; MAX_READ].into_boxed_slice(),
             no_socket_log: None,
@@ -199,18 +147,11 @@ impl TcpSockets {
     }
 
     fn insert(&mut self, flow: FlowId, stream: TcpStream, connecting: bool) {
-        let flow_waker = Arc::new(FlowWaker {
-            flow,
-            queued: AtomicBool::new(false),
-            ready: self.ready.clone(),
-        });
-        let waker = Waker::from(flow_waker.clone());
         self.flows.insert(
             flow,
             Flow {
                 stream,
-                flow_waker,
-                waker,
+                waker: self.due.waker(flow),
                 connecting,
                 pending: VecDeque::new(),
                 credit: 0,
@@ -276,31 +217,7 @@ impl TcpSockets {
     /// Ready when some flow is due for service: the reactor found its socket
     /// ready, or the core asked something of it.
     pub(super) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.take_ready();
-        if !self.due.is_empty() {
-            return Poll::Ready(());
-        }
-        let Ok(mut state) = self.ready.state.lock() else {
-            return Poll::Pending;
-        };
-        if !state.flows.is_empty() {
-            return Poll::Ready(());
-        }
-        if !state
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            state.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-
-    /// Moves the flows the reactor found ready to the due list.
-    fn take_ready(&mut self) {
-        if let Ok(mut state) = self.ready.state.lock() {
-            self.due.append(&mut state.flows);
-        }
+        self.due.poll(cx)
     }
 
     /// Services every flow due now, once, and reports what happened with
@@ -308,29 +225,20 @@ impl TcpSockets {
     /// into the core, or a read that may have left more) wait for the next
     /// call. Returns whether any flow was due.
     pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, TcpEvent<'_>)) -> bool {
-        self.take_ready();
-        if self.due.is_empty() {
-            return false;
-        }
-        std::mem::swap(&mut self.due, &mut self.servicing);
-        self.servicing.sort_unstable();
-        self.servicing.dedup();
         let mut servicing = std::mem::take(&mut self.servicing);
+        let any = self.due.take(&mut servicing);
         for &flow in &servicing {
             self.service_one(flow, &mut report);
         }
-        servicing.clear();
         self.servicing = servicing;
-        true
+        any
     }
 
     fn service_one(&mut self, flow: FlowId, report: &mut impl FnMut(FlowId, TcpEvent<'_>)) {
         let Some(f) = self.flows.get_mut(&flow) else {
             return;
         };
-        // From here on a readiness queues the flow again.
-        f.flow_waker.queued.store(false, Ordering::Release);
-        let waker = f.waker.clone();
+        let waker = f.waker.rearm();
         let mut cx = Context::from_waker(&waker);
         if f.connecting {
             match poll_connect(&f.stream, &mut cx) {
@@ -365,7 +273,7 @@ impl TcpSockets {
         cx: &mut Context<'_>,
         read_buf: &mut [u8],
         flow: FlowId,
-        due: &mut Vec<FlowId>,
+        due: &mut DueFlows,
         report: &mut impl FnMut(FlowId, TcpEvent<'_>),
     ) -> io::Result<()> {
         if !f.pending.is_empty() {

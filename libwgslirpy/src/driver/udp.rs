@@ -1,69 +1,96 @@
 //! Host UDP sockets for the router's UDP flows.
 //!
 //! Each flow gets one socket bound to an ephemeral port on the unspecified
-//! address of its family (IPv6 sockets are v6-only), and one reader task
-//! that forwards every datagram to the router task. Sends never wait: a
-//! datagram that the socket cannot take at once is dropped, as a congested
-//! router drops it. Closing a flow aborts its reader and closes the socket.
-//!
-//! Memory: a reader holds no buffer while it waits. When its socket is
-//! readable it peeks at the next datagram's length (`MSG_PEEK | MSG_TRUNC`)
-//! and receives into an allocation of exactly that size, which becomes the
-//! event's payload. A 64 KiB buffer per reader, as before, made 4,096 idle
-//! flows cost about 300 MB (measured: a flood of 20,000 new flows).
+//! address of its family (IPv6 sockets are v6-only). Like TCP sockets
+//! ([`super::tcp`]), they have no task: the router task services a flow
+//! whose socket the reactor found readable ([`super::ready`]), reading up to
+//! [`MAX_DATAGRAMS`] datagrams into one buffer shared by all flows and
+//! handing each to the core at once, so a datagram costs no allocation and
+//! no hand-off between tasks, and one busy flow cannot starve the others.
+//! What the tunnel cannot take waits in the core's bounded transmit queue,
+//! which drops and counts the excess. Sends never wait: a datagram that the
+//! socket cannot take at once is dropped, as a congested router drops it.
 //!
 //! Sockets ask for ICMP errors (`IP_RECVERR`/`IPV6_RECVERR`). When a
 //! destination answers with "port unreachable" (or net or host
 //! unreachable), the kernel queues the error with the address that caused
-//! it; the reader drains that queue and reports each error, so that the
-//! peer gets the matching ICMP error instead of silence.
+//! it, and (with `SO_SELECT_ERR_QUEUE`) reports the socket readable; the
+//! service drains that queue and reports each error, so that the peer gets
+//! the matching ICMP error instead of silence.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::os::fd::AsRawFd as _;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::io::unix::AsyncFd;
 
-use super::HostEvent;
+use super::ready::{DueFlows, SocketWaker};
 use crate::core::FlowId;
 use crate::core::packet::IcmpError;
 
-struct FlowSocket {
-    socket: Arc<UdpSocket>,
-    reader: JoinHandle<()>,
+/// Most datagrams read from one socket in one service.
+pub(super) const MAX_DATAGRAMS: usize = 32;
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65535;
+
+/// What servicing a flow found, for the core.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum UdpEvent<'a> {
+    /// A datagram arrived from `from`.
+    Datagram {
+        /// Its source.
+        from: SocketAddr,
+        /// Its payload.
+        payload: &'a [u8],
+    },
+    /// `dest` answered a datagram with an ICMP error.
+    Unreachable {
+        /// The destination that answered.
+        dest: SocketAddr,
+        /// What it said.
+        why: IcmpError,
+    },
 }
 
-impl Drop for FlowSocket {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
+struct FlowSocket {
+    socket: AsyncFd<std::net::UdpSocket>,
+    waker: SocketWaker,
 }
 
 /// The open UDP sockets, by flow.
 pub(super) struct UdpSockets {
     sockets: HashMap<FlowId, FlowSocket>,
-    events: mpsc::Sender<HostEvent>,
+    due: DueFlows,
+    /// The flows being serviced; kept to reuse its allocation.
+    servicing: Vec<FlowId>,
+    buf: Box<[u8]>,
 }
 
 impl UdpSockets {
-    pub(super) fn new(events: mpsc::Sender<HostEvent>) -> Self {
+    pub(super) fn new() -> Self {
         UdpSockets {
             sockets: HashMap::new(),
-            events,
+            due: DueFlows::default(),
+            servicing: Vec::new(),
+            buf: vec![0; MAX_DATAGRAM].into_boxed_slice(),
         }
     }
 
-    /// Opens the socket of `flow` and starts its reader.
+    /// Opens the socket of `flow`.
     pub(super) fn open(&mut self, flow: FlowId, ipv6: bool) -> io::Result<()> {
-        let socket = Arc::new(bind_ephemeral(ipv6)?);
-        let reader = tokio::spawn(read_datagrams(flow, socket.clone(), self.events.clone()));
-        self.sockets.insert(flow, FlowSocket { socket, reader });
+        let interest = Interest::READABLE | Interest::PRIORITY;
+        // SAFETY: a `std::net::UdpSocket` owns its descriptor and keeps it
+        // open, the same one, until it is dropped with the `AsyncFd`.
+        let socket = unsafe { AsyncFd::register_with_interest(bind_ephemeral(ipv6)?, interest) }
+            .map_err(io::Error::from)?;
+        let waker = self.due.waker(flow);
+        self.sockets.insert(flow, FlowSocket { socket, waker });
+        // The first service registers the wait for datagrams.
+        self.due.push(flow);
         Ok(())
     }
 
@@ -72,11 +99,9 @@ impl UdpSockets {
         let Some(flow_socket) = self.sockets.get(&flow) else {
             return;
         };
-        // Straight to the non-blocking socket: tokio's `try_send_to` reports
-        // WouldBlock until the reactor has seen the socket writable once,
-        // which would drop the first datagram of every flow.
-        let socket = socket2::SockRef::from(&*flow_socket.socket);
-        if let Err(error) = socket.send_to(payload, &dest.into()) {
+        // Straight to the non-blocking socket, without waiting for the
+        // reactor to have seen it writable.
+        if let Err(error) = flow_socket.socket.get_ref().send_to(payload, dest) {
             tracing::debug!(flow = flow.0, %dest, %error, "UDP send failed; datagram dropped");
         }
     }
@@ -85,9 +110,75 @@ impl UdpSockets {
     pub(super) fn close(&mut self, flow: FlowId) {
         self.sockets.remove(&flow);
     }
+
+    /// Ready when some flow's socket is due for service.
+    pub(super) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.due.poll(cx)
+    }
+
+    /// Services every flow due now, once, and reports what arrived with
+    /// `report`. A flow that had more than [`MAX_DATAGRAMS`] waiting stays
+    /// due. Returns whether any flow was due.
+    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, UdpEvent<'_>)) -> bool {
+        let mut servicing = std::mem::take(&mut self.servicing);
+        let any = self.due.take(&mut servicing);
+        for &flow in &servicing {
+            let Some(f) = self.sockets.get(&flow) else {
+                continue;
+            };
+            if !service_one(flow, f, &mut self.buf, &mut report) {
+                self.due.push(flow);
+            }
+        }
+        self.servicing = servicing;
+        any
+    }
 }
 
-fn bind_ephemeral(ipv6: bool) -> io::Result<UdpSocket> {
+/// Reads what waits on the socket of `flow`, up to [`MAX_DATAGRAMS`].
+/// Returns false if it stopped at that bound, with more perhaps waiting.
+fn service_one(
+    flow: FlowId,
+    f: &FlowSocket,
+    buf: &mut [u8],
+    report: &mut impl FnMut(FlowId, UdpEvent<'_>),
+) -> bool {
+    let waker = f.waker.rearm();
+    let mut cx = Context::from_waker(&waker);
+    for _ in 0..MAX_DATAGRAMS {
+        let mut guard = match f.socket.poll_read_ready(&mut cx) {
+            Poll::Pending => return true,
+            Poll::Ready(Ok(guard)) => guard,
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(flow = flow.0, %error, "UDP socket failed");
+                return true;
+            }
+        };
+        // The buffer holds the largest datagram, so none is cut short. An
+        // error is that of a queued ICMP error.
+        match guard.try_io(|socket| socket.get_ref().recv_from(buf)) {
+            // Nothing left: readiness is cleared, and the next poll
+            // registers the waker.
+            Err(_would_block) => {}
+            Ok(Ok((n, from))) => report(
+                flow,
+                UdpEvent::Datagram {
+                    from,
+                    payload: &buf[..n],
+                },
+            ),
+            Ok(Err(error)) => {
+                tracing::trace!(flow = flow.0, %error, "UDP receive error");
+                for (dest, why) in read_error_queue(f.socket.get_ref()) {
+                    report(flow, UdpEvent::Unreachable { dest, why });
+                }
+            }
+        }
+    }
+    false
+}
+
+fn bind_ephemeral(ipv6: bool) -> io::Result<std::net::UdpSocket> {
     let (domain, addr) = if ipv6 {
         (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
     } else {
@@ -100,66 +191,37 @@ fn bind_ephemeral(ipv6: bool) -> io::Result<UdpSocket> {
     } else {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
     }
+    select_error_queue(&socket)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn read_datagrams(flow: FlowId, socket: Arc<UdpSocket>, events: mpsc::Sender<HostEvent>) {
-    loop {
-        match socket
-            // ERROR too, as tokio's own `recv_from` asks: a queued ICMP error
-            // makes the socket report an error, not readability.
-            .async_io(Interest::READABLE | Interest::ERROR, || recv_exact(&socket))
-            .await
-        {
-            Ok((payload, from)) => {
-                let event = HostEvent::UdpDatagram {
-                    flow,
-                    from,
-                    payload: Bytes::from(payload),
-                };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                tracing::trace!(flow = flow.0, %error, "UDP receive error");
-                for (dest, why) in read_error_queue(&socket) {
-                    let event = HostEvent::UdpUnreachable { flow, dest, why };
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+/// Sets `SO_SELECT_ERR_QUEUE`: a queued error then makes the socket report
+/// priority data (`EPOLLPRI`), which the reactor reports as readable, not
+/// only `EPOLLERR`, which would wake no reader.
+fn select_error_queue(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, and an option value of the size passed.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SELECT_ERR_QUEUE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-}
-
-/// Receives the next datagram into an allocation of its size. `WouldBlock`
-/// when there is none; the error of a queued ICMP error otherwise.
-fn recv_exact(socket: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr)> {
-    use nix::sys::socket::{MsgFlags, SockaddrStorage, recv, recvfrom};
-    use std::os::fd::AsRawFd as _;
-
-    let fd = socket.as_raw_fd();
-    // With MSG_TRUNC, a UDP socket returns the datagram's real length.
-    let len = recv(fd, &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC)?;
-    let mut payload = vec![0; len];
-    let (n, from) = recvfrom::<SockaddrStorage>(fd, &mut payload)?;
-    payload.truncate(n);
-    let from = from
-        .as_ref()
-        .and_then(socket_addr)
-        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-    Ok((payload, from))
 }
 
 /// Takes every queued ICMP error off `socket`: the destination that caused
 /// it, and what it said. Errors of other kinds are skipped.
-fn read_error_queue(socket: &UdpSocket) -> Vec<(SocketAddr, IcmpError)> {
-    use std::os::fd::AsRawFd as _;
-
+fn read_error_queue(socket: &std::net::UdpSocket) -> Vec<(SocketAddr, IcmpError)> {
     use nix::libc;
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
 
@@ -217,5 +279,68 @@ pub(super) fn socket_addr(addr: &nix::sys::socket::SockaddrStorage) -> Option<So
         (Some(v4), _) => Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4))),
         (_, Some(v6)) => Some(SocketAddr::from(std::net::SocketAddrV6::from(*v6))),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Services the sockets until `want` events arrived, waiting for the
+    /// reactor in between (for at most 10 s).
+    async fn events(sockets: &mut UdpSockets, want: usize) -> Vec<(FlowId, String)> {
+        let mut seen = Vec::new();
+        let wait = async {
+            while seen.len() < want {
+                std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
+                sockets.service(|flow, event| seen.push((flow, format!("{event:?}"))));
+            }
+        };
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;
+        assert!(waited.is_ok(), "only {} of {want} events came", seen.len());
+        seen
+    }
+
+    /// Datagrams come back through the service, more than one service's
+    /// worth included, and a closed port's ICMP error wakes the flow and is
+    /// reported with the address that caused it.
+    #[tokio::test]
+    async fn datagrams_and_icmp_errors_reach_the_router() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        let mut sockets = UdpSockets::new();
+        let flow = FlowId(3);
+        sockets.open(flow, false).unwrap();
+
+        let count = MAX_DATAGRAMS + 5;
+        for i in 0..count {
+            sockets.send(flow, echo_addr, format!("d{i}").as_bytes());
+        }
+        let mut buf = [0; 64];
+        for _ in 0..count {
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            echo.send_to(&buf[..n], from).unwrap();
+        }
+        let seen = events(&mut sockets, count).await;
+        let expected: Vec<_> = (0..count)
+            .map(|i| {
+                let payload = format!("d{i}");
+                let event = UdpEvent::Datagram {
+                    from: echo_addr,
+                    payload: payload.as_bytes(),
+                };
+                (flow, format!("{event:?}"))
+            })
+            .collect();
+        assert_eq!(seen, expected);
+
+        drop(echo);
+        sockets.send(flow, echo_addr, b"anyone?");
+        let seen = events(&mut sockets, 1).await;
+        let unreachable = UdpEvent::Unreachable {
+            dest: echo_addr,
+            why: IcmpError::PortUnreachable,
+        };
+        assert_eq!(seen, [(flow, format!("{unreachable:?}"))]);
     }
 }

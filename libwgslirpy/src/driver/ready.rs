@@ -1,0 +1,145 @@
+//! Which flows' host sockets need service, for sockets serviced in place.
+//!
+//! The router task does the socket calls of TCP ([`super::tcp`]) and UDP
+//! ([`super::udp`]) flows itself; no flow has a task. Each socket gets a
+//! waker of its own ([`FlowWaker`]) that tokio's reactor calls when the
+//! socket turns ready: it puts the flow on a shared list and wakes the
+//! router task. [`DueFlows`] keeps that list with the flows the core made
+//! due (bytes to write, say), and hands them out in batches, each flow once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use crate::core::FlowId;
+
+/// Flows that tokio's reactor found ready, and the router task's waker.
+#[derive(Default)]
+struct ReadyList {
+    state: Mutex<ReadyState>,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    flows: Vec<FlowId>,
+    waker: Option<Waker>,
+}
+
+impl ReadyList {
+    fn push(&self, flow: FlowId) {
+        let waker = match self.state.lock() {
+            Ok(mut state) => {
+                state.flows.push(flow);
+                state.waker.take()
+            }
+            Err(_) => None,
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The waker tokio's reactor calls for one flow's socket. It queues the
+/// flow at most once until the router task services it.
+struct FlowWaker {
+    flow: FlowId,
+    queued: AtomicBool,
+    ready: Arc<ReadyList>,
+}
+
+impl Wake for FlowWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.ready.push(self.flow);
+        }
+    }
+}
+
+/// One flow's socket waker, to register with tokio when a socket call
+/// would block.
+pub(super) struct SocketWaker {
+    flow_waker: Arc<FlowWaker>,
+    waker: Waker,
+}
+
+impl SocketWaker {
+    /// Called as the flow's service starts: from here on a readiness
+    /// queues the flow again. Returns the waker to register.
+    pub(super) fn rearm(&self) -> Waker {
+        self.flow_waker.queued.store(false, Ordering::Release);
+        self.waker.clone()
+    }
+}
+
+/// The flows due for service.
+#[derive(Default)]
+pub(super) struct DueFlows {
+    ready: Arc<ReadyList>,
+    /// Flows to service next.
+    due: Vec<FlowId>,
+}
+
+impl DueFlows {
+    /// A waker for the socket of `flow`.
+    pub(super) fn waker(&self, flow: FlowId) -> SocketWaker {
+        let flow_waker = Arc::new(FlowWaker {
+            flow,
+            queued: AtomicBool::new(false),
+            ready: self.ready.clone(),
+        });
+        let waker = Waker::from(flow_waker.clone());
+        SocketWaker { flow_waker, waker }
+    }
+
+    /// Makes `flow` due for service.
+    pub(super) fn push(&mut self, flow: FlowId) {
+        self.due.push(flow);
+    }
+
+    /// Ready when some flow is due: the reactor found its socket ready, or
+    /// it was pushed.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.take_ready();
+        if !self.due.is_empty() {
+            return Poll::Ready(());
+        }
+        let Ok(mut state) = self.ready.state.lock() else {
+            return Poll::Pending;
+        };
+        if !state.flows.is_empty() {
+            return Poll::Ready(());
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Moves every flow due now into `batch` (emptied first), each once, in
+    /// order. Flows that become due meanwhile wait for the next call.
+    /// Returns whether any flow was due.
+    pub(super) fn take(&mut self, batch: &mut Vec<FlowId>) -> bool {
+        self.take_ready();
+        batch.clear();
+        std::mem::swap(&mut self.due, batch);
+        batch.sort_unstable();
+        batch.dedup();
+        !batch.is_empty()
+    }
+
+    /// Moves the flows the reactor found ready to the due list.
+    fn take_ready(&mut self) {
+        if let Ok(mut state) = self.ready.state.lock() {
+            self.due.append(&mut state.flows);
+        }
+    }
+}
