@@ -80,6 +80,9 @@
 //! ```
 
 #![warn(missing_docs)]
+// The theory-of-operation comments of public modules name the private
+// modules that do the work.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod config;
 pub mod config_file;

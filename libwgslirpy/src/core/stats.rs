@@ -266,7 +266,7 @@ impl Router {
     /// effect at once for every packet. A peer whose public key was in the
     /// old list keeps its flows and counters; every flow of a peer that is
     /// gone is closed on the host side through the usual
-    /// [`SocketAction`]s (nothing is sent toward the peer, which is no
+    /// [`SocketAction`](super::SocketAction)s (nothing is sent toward the peer, which is no
     /// longer reachable), and counted in [`Stats::peer_flows_closed`].
     /// Drain [`Router::poll_socket_action`] afterwards.
     ///

@@ -9,22 +9,20 @@
 //! tunnel cannot take yet stay in the router's bounded transmit queue, which
 //! drops and counts what does not fit, as a TUN device would.
 //!
-//! Host sockets live here, keyed by the router's [`FlowId`]s. Each UDP socket
-//! has a reader task that turns datagrams into [`HostEvent`]s on a bounded
-//! channel; a slow router makes those tasks wait, and the kernel's socket
-//! buffers absorb or drop the excess, per socket.
+//! Host sockets live here, keyed by the router's flow ids. No flow has a
+//! task or a channel: the reactor marks a flow whose socket turned ready
+//! due and wakes this task ([`ready`]), which services due sockets in place
+//! after every wake-up and feeds the outcomes straight to the router:
+//! - TCP ([`tcp`]): connect, write, and read within the credit the router
+//!   grants. TCP data segments are made by the router only when the tunnel
+//!   has room (the loop waits for room while the router has something to
+//!   send), so TCP toward the peers is paced by the tunnel, not dropped.
+//! - UDP ([`udp`]) and ICMP echo ([`icmp`]): a bounded number of datagrams
+//!   per socket per service, into one shared buffer.
 //!
-//! DNS lookups and forwarded queries run in their own tasks ([`dns`]) and
-//! report on the same channel.
-//!
-//! TCP sockets ([`tcp`]) have no task and no channel: the reactor marks a
-//! ready socket's flow due and wakes this task, which services due sockets
-//! in place after every wake-up (connect, write, read within credit) and
-//! feeds the outcomes straight to the router. TCP data segments are made by
-//! the router only when the tunnel has room (the loop waits for room while
-//! the router has something to send), so TCP toward the peers is paced by
-//! the tunnel, not dropped. Events are taken in batches, like tunnel
-//! packets, so neither side starves the other.
+//! Events are taken in batches, like tunnel packets, so neither side
+//! starves the other. DNS lookups and forwarded queries run in their own
+//! tasks ([`dns`]) and report [`HostEvent`]s on a bounded channel.
 //!
 //! Reverse forwards ([`forward`]) listen on their HOST sockets from startup:
 //! `-u` datagrams and `-t` accepted connections reach the router as events
@@ -62,7 +60,7 @@ use tokio::sync::mpsc;
 
 use crate::Config;
 use crate::config::ConfigError;
-use crate::core::{DnsOutcome, DnsQueryId, FlowId, Router, SocketAction};
+use crate::core::{DnsOutcome, DnsQueryId, Router, SocketAction};
 use crate::tunnel::{self, TunnelError, TunnelHandle};
 use tcp::TcpEvent;
 use udp::UdpEvent;
@@ -337,13 +335,6 @@ enum HostEvent {
         from: std::net::SocketAddr,
         payload: bytes::Bytes,
     },
-    /// An echo reply arrived on a flow's ICMP socket.
-    EchoReply {
-        flow: FlowId,
-        from: std::net::IpAddr,
-        seq_no: u16,
-        payload: bytes::Bytes,
-    },
 }
 
 struct Driver {
@@ -381,7 +372,7 @@ impl Driver {
             dns: dns::DnsDriver::new(config, events_tx.clone()),
             tcp: tcp::TcpSockets::new(),
             udp: udp::UdpSockets::new(),
-            echo: icmp::EchoSockets::new(events_tx),
+            echo: icmp::EchoSockets::new(),
             udp_forwards,
             tcp_forwards,
             events,
@@ -441,6 +432,7 @@ impl Driver {
                 // `drain` below services the due TCP and UDP sockets.
                 () = std::future::poll_fn(|cx| self.tcp.poll_due(cx)) => {}
                 () = std::future::poll_fn(|cx| self.udp.poll_due(cx)) => {}
+                () = std::future::poll_fn(|cx| self.echo.poll_due(cx)) => {}
                 permit = outgoing.reserve(), if self.router.has_transmit() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     if let Some(packet) = self.router.poll_transmit() {
@@ -548,14 +540,6 @@ impl Driver {
             } => self
                 .router
                 .handle_forward_datagram(now, forward, from, &payload),
-            HostEvent::EchoReply {
-                flow,
-                from,
-                seq_no,
-                payload,
-            } => self
-                .router
-                .handle_echo_reply(now, flow, from, seq_no, &payload),
             HostEvent::DnsResult { query, outcome } => {
                 self.dns.finished(query);
                 self.router.handle_dns_result(now, query, outcome);
@@ -596,6 +580,9 @@ impl Driver {
             UdpEvent::Unreachable { dest, why } => {
                 router.handle_udp_unreachable(now, flow, dest, why);
             }
+        });
+        self.echo.service(|flow, reply| {
+            router.handle_echo_reply(now, flow, reply.from, reply.seq_no, reply.payload);
         });
         // TCP sockets are serviced in place: what they report goes to the
         // core, whose answer (ACKs, more actions) goes round again. Flows

@@ -6,10 +6,15 @@
 //! socket turns ready: it puts the flow on a shared list and wakes the
 //! router task. [`DueFlows`] keeps that list with the flows the core made
 //! due (bytes to write, say), and hands them out in batches, each flow once.
+//! [`read_until_blocked`] is the read loop of datagram sockets.
 
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::io::unix::AsyncFd;
 
 use crate::core::FlowId;
 
@@ -142,4 +147,27 @@ impl DueFlows {
             self.due.append(&mut state.flows);
         }
     }
+}
+
+/// Calls `read` on `socket` until it reports `WouldBlock`, which clears the
+/// socket's readiness and registers `cx` for the next, or until it was
+/// called `budget` times. `read` handles every other outcome itself.
+/// Returns false if the budget ran out, with more perhaps waiting.
+pub(super) fn read_until_blocked<T: AsRawFd>(
+    socket: &AsyncFd<T>,
+    cx: &mut Context<'_>,
+    budget: usize,
+    mut read: impl FnMut(&T) -> io::Result<()>,
+) -> bool {
+    for _ in 0..budget {
+        let mut guard = match socket.poll_read_ready(cx) {
+            Poll::Pending => return true,
+            Poll::Ready(Ok(guard)) => guard,
+            // Only a reactor shutting down fails here.
+            Poll::Ready(Err(_)) => return true,
+        };
+        // `Err` is `WouldBlock`, with the readiness now cleared.
+        let _ = guard.try_io(|socket| read(socket.get_ref()));
+    }
+    false
 }

@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use super::ready::{DueFlows, SocketWaker};
+use super::ready::{DueFlows, SocketWaker, read_until_blocked};
 use crate::core::FlowId;
 use crate::core::packet::IcmpError;
 
@@ -145,37 +145,27 @@ fn service_one(
 ) -> bool {
     let waker = f.waker.rearm();
     let mut cx = Context::from_waker(&waker);
-    for _ in 0..MAX_DATAGRAMS {
-        let mut guard = match f.socket.poll_read_ready(&mut cx) {
-            Poll::Pending => return true,
-            Poll::Ready(Ok(guard)) => guard,
-            Poll::Ready(Err(error)) => {
-                tracing::debug!(flow = flow.0, %error, "UDP socket failed");
-                return true;
-            }
-        };
-        // The buffer holds the largest datagram, so none is cut short. An
-        // error is that of a queued ICMP error.
-        match guard.try_io(|socket| socket.get_ref().recv_from(buf)) {
-            // Nothing left: readiness is cleared, and the next poll
-            // registers the waker.
-            Err(_would_block) => {}
-            Ok(Ok((n, from))) => report(
+    read_until_blocked(&f.socket, &mut cx, MAX_DATAGRAMS, |socket| {
+        // The buffer holds the largest datagram, so none is cut short.
+        match socket.recv_from(buf) {
+            Ok((n, from)) => report(
                 flow,
                 UdpEvent::Datagram {
                     from,
                     payload: &buf[..n],
                 },
             ),
-            Ok(Err(error)) => {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
+            // The error of a queued ICMP error.
+            Err(error) => {
                 tracing::trace!(flow = flow.0, %error, "UDP receive error");
-                for (dest, why) in read_error_queue(f.socket.get_ref()) {
+                for (dest, why) in read_error_queue(socket) {
                     report(flow, UdpEvent::Unreachable { dest, why });
                 }
             }
         }
-    }
-    false
+        Ok(())
+    })
 }
 
 fn bind_ephemeral(ipv6: bool) -> io::Result<std::net::UdpSocket> {
