@@ -415,6 +415,33 @@ fn host_data_reaches_the_peer_in_mss_segments() {
     assert!(h.segs().is_empty(), "nothing retransmitted");
 }
 
+/// The send buffer is a ring: acknowledged bytes leave its front while new
+/// ones come in behind, wrapping around. Segments from either side of the
+/// wrap, and a retransmission across it, carry the right bytes.
+#[test]
+fn host_data_across_the_send_buffers_wrap_stays_byte_exact() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    let stream = pattern(8000);
+    h.router.handle_tcp_data(h.now, flow, &stream[..5000]);
+    assert_eq!(h.segs().len(), 4);
+    // 1000 bytes stay unacknowledged at the front; 3000 new ones wrap.
+    h.send_ack(first + 4000, 512);
+    h.router.handle_tcp_data(h.now, flow, &stream[5000..]);
+    let fresh = h.segs();
+    assert_eq!(fresh[0].seq, first + 5000);
+    let sent: Vec<u8> = fresh.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(sent, &stream[5000..]);
+    // The retransmission from the oldest byte spans the wrap.
+    let mut retransmitted = Vec::new();
+    while retransmitted.is_empty() {
+        h.advance(Duration::from_millis(100));
+        retransmitted = h.segs();
+    }
+    assert_eq!(retransmitted[0].seq, first + 4000);
+    assert_eq!(retransmitted[0].payload, &stream[4000..5380]);
+}
+
 #[test]
 fn read_credit_never_exceeds_the_buffer_and_is_regranted() {
     let mut config = config();
@@ -1013,6 +1040,62 @@ mod proptests {
         ]
     }
 
+    /// What the peer does next with the host's stream.
+    #[derive(Debug, Clone)]
+    enum PeerStep {
+        /// The host sends `n` bytes (within the credit granted).
+        HostData(usize),
+        /// The peer acknowledges what it holds in order, with `window`
+        /// (scaled by 7; 0 shuts it).
+        Ack(u16),
+        /// The next `n` segments are lost.
+        Lose(usize),
+        /// The next segment is delivered twice.
+        Duplicate,
+        /// The segments in flight arrive in reverse order.
+        Reorder,
+        /// Time passes.
+        Wait(u64),
+    }
+
+    fn peer_step() -> impl Strategy<Value = PeerStep> {
+        prop_oneof![
+            3 => (1usize..6000).prop_map(PeerStep::HostData),
+            3 => prop_oneof![4 => Just(512u16), 1 => Just(0u16), 1 => 1u16..64].prop_map(PeerStep::Ack),
+            1 => (1usize..4).prop_map(PeerStep::Lose),
+            1 => Just(PeerStep::Duplicate),
+            1 => Just(PeerStep::Reorder),
+            2 => (0u64..3000).prop_map(PeerStep::Wait),
+        ]
+    }
+
+    /// The peer's receiving side: the bytes it holds in order, and the
+    /// segments that arrived ahead of them.
+    #[derive(Default)]
+    struct Receiver {
+        held: Vec<u8>,
+        ahead: std::collections::BTreeMap<u32, Vec<u8>>,
+    }
+
+    impl Receiver {
+        /// Takes `seg` (`first` is the stream's first sequence number).
+        fn take(&mut self, first: u32, seg: &Seg) {
+            self.ahead
+                .insert(seg.seq.wrapping_sub(first), seg.payload.clone());
+            while let Some((&offset, _)) = self.ahead.first_key_value() {
+                let offset = offset as usize;
+                if offset > self.held.len() {
+                    break;
+                }
+                let (_, payload) = self.ahead.pop_first().unwrap();
+                let skip = self.held.len() - offset;
+                if skip < payload.len() {
+                    self.held.extend_from_slice(&payload[skip..]);
+                }
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn streams_arrive_in_order_whatever_the_peer_does(steps in proptest::collection::vec(step(), 1..80)) {
@@ -1073,6 +1156,79 @@ mod proptests {
                 prop_assert!(unwritten <= 8192, "more unwritten than the buffer");
                 prop_assert_eq!(&delivered[..], &stream[..delivered.len()]);
             }
+        }
+
+        #[test]
+        fn host_streams_reach_the_peer_intact_through_loss_and_reordering(
+            steps in proptest::collection::vec(peer_step(), 1..60)
+        ) {
+            let mut config = config();
+            config.tcp_buffer_size = 8192;
+            let mut h = Harness::new(&config);
+            let (flow, first) = h.establish();
+            let stream = pattern(200_000);
+            // The grant made at connect time.
+            let mut credit = 8192usize;
+            let mut fed = 0usize;
+            let mut peer = Receiver::default();
+            let (mut lose, mut duplicate) = (0usize, false);
+            let deliver = |h: &mut Harness, peer: &mut Receiver, lose: &mut usize,
+                               duplicate: &mut bool, reorder: bool| {
+                let mut segs = h.segs();
+                if reorder {
+                    segs.reverse();
+                }
+                for seg in segs {
+                    prop_assert!(!seg.rst && !seg.syn, "unexpected {:?}", seg);
+                    if *lose > 0 {
+                        *lose -= 1;
+                        continue;
+                    }
+                    peer.take(first, &seg);
+                    if std::mem::take(duplicate) {
+                        peer.take(first, &seg);
+                    }
+                }
+                prop_assert_eq!(&peer.held[..], &stream[..peer.held.len()]);
+                Ok(())
+            };
+            for step in steps {
+                let mut reorder = false;
+                match step {
+                    PeerStep::HostData(n) => {
+                        let n = n.min(credit).min(stream.len() - fed);
+                        credit -= n;
+                        h.router.handle_tcp_data(h.now, flow, &stream[fed..fed + n]);
+                        fed += n;
+                    }
+                    PeerStep::Ack(window) => {
+                        h.send_ack(first.wrapping_add(peer.held.len() as u32), window);
+                    }
+                    PeerStep::Lose(n) => lose += n,
+                    PeerStep::Duplicate => duplicate = true,
+                    PeerStep::Reorder => reorder = true,
+                    PeerStep::Wait(ms) => h.advance(Duration::from_millis(ms)),
+                }
+                for action in h.actions() {
+                    if let SocketAction::TcpRead { max, .. } = action {
+                        credit += max;
+                    }
+                }
+                prop_assert!(credit <= 8192, "more credit than the buffer");
+                deliver(&mut h, &mut peer, &mut lose, &mut duplicate, reorder)?;
+            }
+            // Then the path heals: everything fed arrives, by retransmission
+            // where it was lost.
+            lose = 0;
+            for _ in 0..200 {
+                if peer.held.len() == fed {
+                    break;
+                }
+                h.send_ack(first.wrapping_add(peer.held.len() as u32), 512);
+                h.advance(Duration::from_millis(500));
+                deliver(&mut h, &mut peer, &mut lose, &mut duplicate, false)?;
+            }
+            prop_assert_eq!(peer.held.len(), fed, "not every byte arrived");
         }
     }
 }

@@ -210,11 +210,24 @@ impl Conn {
         }
         let mut segment = self.header(ctx.settings, seq);
         segment.fin = send_fin;
-        let packet = {
-            let contiguous = self.send_buf.make_contiguous();
-            segment.payload = contiguous.get(offset..offset + len).unwrap_or_default();
-            packet::build_tcp(ctx.remote, ctx.peer, &segment)
+        let spanning;
+        segment.payload = match self.send_buf.as_slices() {
+            (front, _) if offset + len <= front.len() => &front[offset..offset + len],
+            (front, back) if offset >= front.len() => back
+                .get(offset - front.len()..offset - front.len() + len)
+                .unwrap_or_default(),
+            // Across the ring's wrap: copied, which happens once a lap,
+            // instead of rotating the whole buffer.
+            _ => {
+                spanning = self
+                    .send_buf
+                    .range(offset..offset + len)
+                    .copied()
+                    .collect::<Vec<u8>>();
+                &spanning
+            }
         };
+        let packet = packet::build_tcp(ctx.remote, ctx.peer, &segment);
         let end = seq.wrapping_add(len as u32 + u32::from(send_fin));
         if lt(seq, self.snd_max) {
             ctx.stats.tcp_retransmits += 1;
