@@ -744,7 +744,9 @@ def report(ours, base, args, started):
         "RSS), so its memory rows are context, not a like-for-like comparison. Both serve "
         "the same kind of wireguard-go peer, whose CPU is listed below.",
         "Ratios are ours / baseline. Targets: issue 8 (and issue 3 for the short connection "
-        "median and RSS per idle connection).",
+        "median and RSS per idle connection). The latency rows come from %d rounds that "
+        "alternate between the two gateways; each round's short-connection median is in the "
+        "raw results (`short_round_p50`)." % LATENCY_ROUNDS,
         "",
         "| measure | wgslirpy | baseline | ratio | target |",
         "|---|---|---|---|---|",

@@ -3,7 +3,8 @@
 # kernel baseline (wireguard-go + ip_forward + nftables masquerade) in network namespaces,
 # in the same run. Prints a table and writes it to bench/results/. Needs root; takes a few
 # minutes on 2 cores. Not part of `cargo test`. Options: see `bench/bench.py --help`
-# (--quick for a smoke run, --gateway-arg ARG to pass wgslirpy a flag, --binary PATH).
+# (--quick for a smoke run, --gateway-arg ARG to pass wgslirpy a flag, --binary PATH,
+# --measure LIST for a subset, --perf for a profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then

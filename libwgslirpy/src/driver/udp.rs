@@ -33,7 +33,7 @@ use crate::core::FlowId;
 use crate::core::packet::IcmpError;
 
 /// Most datagrams read from one socket in one service.
-pub(super) const MAX_DATAGRAMS: usize = 32;
+const MAX_DATAGRAMS: usize = 32;
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65535;
 
