@@ -73,8 +73,6 @@ pub(super) struct EchoReply<'a> {
 pub(super) struct EchoSockets {
     sockets: HashMap<FlowId, EchoSocket>,
     due: DueFlows,
-    /// The flows being serviced; kept to reuse its allocation.
-    servicing: Vec<FlowId>,
     buf: Box<[u8]>,
 }
 
@@ -98,7 +96,6 @@ impl EchoSockets {
         EchoSockets {
             sockets: HashMap::new(),
             due: DueFlows::default(),
-            servicing: Vec::new(),
             buf: vec![0; MAX_MESSAGE].into_boxed_slice(),
         }
     }
@@ -167,44 +164,45 @@ impl EchoSockets {
     /// that arrived with `report`. A flow that had more than
     /// [`MAX_MESSAGES`] waiting stays due. Returns whether any flow was due.
     pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, EchoReply<'_>)) -> bool {
-        let mut servicing = std::mem::take(&mut self.servicing);
-        let any = self.due.take(&mut servicing);
-        for &flow in &servicing {
-            let Some(echo) = self.sockets.get(&flow) else {
-                continue;
-            };
-            let waker = echo.waker.rearm();
-            let mut cx = Context::from_waker(&waker);
-            let buf = &mut self.buf;
-            let drained = read_until_blocked(&echo.socket, &mut cx, MAX_MESSAGES, |socket| {
-                match recv_message(socket, buf) {
-                    Ok((len, from)) => {
-                        if let Some((seq_no, payload)) =
-                            parse_reply(&buf[..len], echo.kind, echo.ipv6)
-                        {
-                            let from = from.ip();
-                            report(
-                                flow,
-                                EchoReply {
-                                    from,
-                                    seq_no,
-                                    payload,
-                                },
-                            );
-                        }
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
-                    Err(error) => tracing::debug!(flow = flow.0, %error, "ICMP receive error"),
-                }
-                Ok(())
-            });
-            if !drained {
-                self.due.push(flow);
-            }
-        }
-        self.servicing = servicing;
-        any
+        let (sockets, buf) = (&self.sockets, &mut self.buf);
+        self.due.service_each(|flow| match sockets.get(&flow) {
+            Some(echo) => service_one(flow, echo, buf, &mut report),
+            None => true,
+        })
     }
+}
+
+/// Reads what waits on the socket of `flow`, up to [`MAX_MESSAGES`], and
+/// reports the echo replies among it. Returns false if it stopped at that
+/// bound, with more perhaps waiting.
+fn service_one(
+    flow: FlowId,
+    echo: &EchoSocket,
+    buf: &mut [u8],
+    report: &mut impl FnMut(FlowId, EchoReply<'_>),
+) -> bool {
+    let waker = echo.waker.rearm();
+    let mut cx = Context::from_waker(&waker);
+    read_until_blocked(&echo.socket, &mut cx, MAX_MESSAGES, |socket| {
+        match recv_message(socket, buf) {
+            Ok((len, from)) => {
+                if let Some((seq_no, payload)) = parse_reply(&buf[..len], echo.kind, echo.ipv6) {
+                    let from = from.ip();
+                    report(
+                        flow,
+                        EchoReply {
+                            from,
+                            seq_no,
+                            payload,
+                        },
+                    );
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
+            Err(error) => tracing::debug!(flow = flow.0, %error, "ICMP receive error"),
+        }
+        Ok(())
+    })
 }
 
 /// A ping socket if allowed, else a raw socket (with identifier 0, for the

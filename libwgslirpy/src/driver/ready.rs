@@ -87,6 +87,8 @@ pub(super) struct DueFlows {
     ready: Arc<ReadyList>,
     /// Flows to service next.
     due: Vec<FlowId>,
+    /// The flows being serviced; kept to reuse its allocation.
+    batch: Vec<FlowId>,
 }
 
 impl DueFlows {
@@ -129,16 +131,25 @@ impl DueFlows {
         Poll::Pending
     }
 
-    /// Moves every flow due now into `batch` (emptied first), each once, in
-    /// order. Flows that become due meanwhile wait for the next call.
-    /// Returns whether any flow was due.
-    pub(super) fn take(&mut self, batch: &mut Vec<FlowId>) -> bool {
+    /// Calls `service` once for each flow due now, in order. A flow for
+    /// which it returns false stays due: it had more waiting than one
+    /// service takes. Flows that become due meanwhile wait for the next
+    /// call. Returns whether any flow was due.
+    pub(super) fn service_each(&mut self, mut service: impl FnMut(FlowId) -> bool) -> bool {
         self.take_ready();
+        let mut batch = std::mem::take(&mut self.batch);
         batch.clear();
-        std::mem::swap(&mut self.due, batch);
+        std::mem::swap(&mut self.due, &mut batch);
         batch.sort_unstable();
         batch.dedup();
-        !batch.is_empty()
+        for &flow in &batch {
+            if !service(flow) {
+                self.due.push(flow);
+            }
+        }
+        let any = !batch.is_empty();
+        self.batch = batch;
+        any
     }
 
     /// Moves the flows the reactor found ready to the due list.

@@ -84,8 +84,6 @@ struct Flow {
 pub(super) struct TcpSockets {
     flows: HashMap<FlowId, Flow>,
     due: DueFlows,
-    /// The flows being serviced; kept to reuse its allocation.
-    servicing: Vec<FlowId>,
     read_buf: Box<[u8]>,
     no_socket_log: Option<Instant>,
     no_socket_count: u64,
@@ -96,7 +94,6 @@ impl TcpSockets {
         TcpSockets {
             flows: HashMap::new(),
             due: DueFlows::default(),
-            servicing: Vec::new(),
             read_buf: vec![0; MAX_READ].into_boxed_slice(),
             no_socket_log: None,
             no_socket_count: 0,
@@ -225,91 +222,95 @@ impl TcpSockets {
     /// into the core, or a read that may have left more) wait for the next
     /// call. Returns whether any flow was due.
     pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, TcpEvent<'_>)) -> bool {
-        let mut servicing = std::mem::take(&mut self.servicing);
-        let any = self.due.take(&mut servicing);
-        for &flow in &servicing {
-            self.service_one(flow, &mut report);
-        }
-        self.servicing = servicing;
-        any
+        let (flows, read_buf) = (&mut self.flows, &mut self.read_buf);
+        self.due
+            .service_each(|flow| service_one(flows, read_buf, flow, &mut report))
     }
+}
 
-    fn service_one(&mut self, flow: FlowId, report: &mut impl FnMut(FlowId, TcpEvent<'_>)) {
-        let Some(f) = self.flows.get_mut(&flow) else {
-            return;
-        };
-        let waker = f.waker.rearm();
-        let mut cx = Context::from_waker(&waker);
-        if f.connecting {
-            match poll_connect(&f.stream, &mut cx) {
-                Poll::Pending => return,
-                Poll::Ready(Ok(())) => {
-                    f.connecting = false;
-                    report(flow, TcpEvent::Connected);
-                }
-                Poll::Ready(Err(error)) => {
-                    tracing::debug!(flow = flow.0, %error, "TCP connect failed");
-                    self.flows.remove(&flow);
-                    report(flow, TcpEvent::ConnectFailed(classify(&error)));
-                    return;
-                }
+/// Services the socket of `flow`: finishes its connect, or moves its bytes.
+/// Returns false if a read may have left more waiting.
+fn service_one(
+    flows: &mut HashMap<FlowId, Flow>,
+    read_buf: &mut [u8],
+    flow: FlowId,
+    report: &mut impl FnMut(FlowId, TcpEvent<'_>),
+) -> bool {
+    let Some(f) = flows.get_mut(&flow) else {
+        return true;
+    };
+    let waker = f.waker.rearm();
+    let mut cx = Context::from_waker(&waker);
+    if f.connecting {
+        match poll_connect(&f.stream, &mut cx) {
+            Poll::Pending => {}
+            Poll::Ready(Ok(())) => {
+                f.connecting = false;
+                // The core answers a connect with credit, which makes the
+                // flow due again.
+                report(flow, TcpEvent::Connected);
             }
-            // The core answers a connect with credit, which makes the flow
-            // due again.
-            return;
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(flow = flow.0, %error, "TCP connect failed");
+                flows.remove(&flow);
+                report(flow, TcpEvent::ConnectFailed(classify(&error)));
+            }
         }
-        let result = Self::move_bytes(f, &mut cx, &mut self.read_buf, flow, &mut self.due, report);
-        if let Err(error) = result {
+        return true;
+    }
+    match move_bytes(f, &mut cx, read_buf, flow, report) {
+        Ok(drained) => drained,
+        Err(error) => {
             tracing::debug!(flow = flow.0, %error, "TCP socket error");
-            self.flows.remove(&flow);
+            flows.remove(&flow);
             report(flow, TcpEvent::Error);
+            true
         }
     }
+}
 
-    /// Writes what is pending, shuts down if asked, and reads once within
-    /// the credit.
-    fn move_bytes(
-        f: &mut Flow,
-        cx: &mut Context<'_>,
-        read_buf: &mut [u8],
-        flow: FlowId,
-        due: &mut DueFlows,
-        report: &mut impl FnMut(FlowId, TcpEvent<'_>),
-    ) -> io::Result<()> {
-        if !f.pending.is_empty() {
-            let written = write_pending(&f.stream, &mut f.pending, cx)?;
-            if written > 0 {
-                report(flow, TcpEvent::Written(written));
-            }
-            if f.pending.is_empty() && f.pending.capacity() > 4 {
-                f.pending = VecDeque::new();
-            }
+/// Writes what is pending, shuts down if asked, and reads once within the
+/// credit. Returns false if the read may have left more waiting.
+fn move_bytes(
+    f: &mut Flow,
+    cx: &mut Context<'_>,
+    read_buf: &mut [u8],
+    flow: FlowId,
+    report: &mut impl FnMut(FlowId, TcpEvent<'_>),
+) -> io::Result<bool> {
+    if !f.pending.is_empty() {
+        let written = write_pending(&f.stream, &mut f.pending, cx)?;
+        if written > 0 {
+            report(flow, TcpEvent::Written(written));
         }
-        if f.shutdown && f.pending.is_empty() {
-            f.shutdown = false;
-            if let Err(error) = SockRef::from(&f.stream).shutdown(std::net::Shutdown::Write) {
-                tracing::debug!(flow = flow.0, %error, "TCP shutdown failed");
-            }
+        if f.pending.is_empty() && f.pending.capacity() > 4 {
+            f.pending = VecDeque::new();
         }
-        if f.reading && f.credit > 0 {
-            let max = f.credit.min(read_buf.len());
-            match read_once(&f.stream, &mut read_buf[..max], cx)? {
-                None => {}
-                Some(0) => {
-                    f.reading = false;
-                    report(flow, TcpEvent::Eof);
-                }
-                Some(n) => {
-                    f.credit -= n;
-                    // More may be waiting; the next service finds out
-                    // (and waits for readability if not).
-                    due.push(flow);
-                    report(flow, TcpEvent::Data(&read_buf[..n]));
-                }
-            }
-        }
-        Ok(())
     }
+    if f.shutdown && f.pending.is_empty() {
+        f.shutdown = false;
+        if let Err(error) = SockRef::from(&f.stream).shutdown(std::net::Shutdown::Write) {
+            tracing::debug!(flow = flow.0, %error, "TCP shutdown failed");
+        }
+    }
+    if f.reading && f.credit > 0 {
+        let max = f.credit.min(read_buf.len());
+        match read_once(&f.stream, &mut read_buf[..max], cx)? {
+            None => {}
+            Some(0) => {
+                f.reading = false;
+                report(flow, TcpEvent::Eof);
+            }
+            Some(n) => {
+                f.credit -= n;
+                report(flow, TcpEvent::Data(&read_buf[..n]));
+                // More may be waiting; the next service finds out (and
+                // waits for readability if not).
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// How far a connect got within the `connect()` call.

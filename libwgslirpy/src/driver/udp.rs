@@ -65,8 +65,6 @@ struct FlowSocket {
 pub(super) struct UdpSockets {
     sockets: HashMap<FlowId, FlowSocket>,
     due: DueFlows,
-    /// The flows being serviced; kept to reuse its allocation.
-    servicing: Vec<FlowId>,
     buf: Box<[u8]>,
 }
 
@@ -75,7 +73,6 @@ impl UdpSockets {
         UdpSockets {
             sockets: HashMap::new(),
             due: DueFlows::default(),
-            servicing: Vec::new(),
             buf: vec![0; MAX_DATAGRAM].into_boxed_slice(),
         }
     }
@@ -120,18 +117,11 @@ impl UdpSockets {
     /// `report`. A flow that had more than [`MAX_DATAGRAMS`] waiting stays
     /// due. Returns whether any flow was due.
     pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, UdpEvent<'_>)) -> bool {
-        let mut servicing = std::mem::take(&mut self.servicing);
-        let any = self.due.take(&mut servicing);
-        for &flow in &servicing {
-            let Some(f) = self.sockets.get(&flow) else {
-                continue;
-            };
-            if !service_one(flow, f, &mut self.buf, &mut report) {
-                self.due.push(flow);
-            }
-        }
-        self.servicing = servicing;
-        any
+        let (sockets, buf) = (&self.sockets, &mut self.buf);
+        self.due.service_each(|flow| match sockets.get(&flow) {
+            Some(f) => service_one(flow, f, buf, &mut report),
+            None => true,
+        })
     }
 }
 
