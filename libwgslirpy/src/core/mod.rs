@@ -744,6 +744,13 @@ impl Router {
         !self.transmit.is_empty() || self.tcp.has_ready()
     }
 
+    /// How many more packets the transmit queue takes before it drops. A
+    /// driver reading datagrams for the peer can stop there and leave the
+    /// rest in its sockets' buffers.
+    pub fn transmit_room(&self) -> usize {
+        self.transmit_capacity.saturating_sub(self.transmit.len())
+    }
+
     /// The next action on a host socket.
     pub fn poll_socket_action(&mut self) -> Option<SocketAction> {
         while let Some(action) = self.actions.pop_front() {

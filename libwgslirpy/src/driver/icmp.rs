@@ -161,30 +161,41 @@ impl EchoSockets {
     }
 
     /// Services every flow due now, once, and reports the echo replies
-    /// that arrived with `report`. A flow that had more than
-    /// [`MAX_MESSAGES`] waiting stays due. Returns whether any flow was due.
-    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, EchoReply<'_>)) -> bool {
+    /// that arrived with `report`: at most [`MAX_MESSAGES`] messages per
+    /// flow, and `budget` in all (decreased by what was read). A flow that
+    /// had more waiting stays due. Returns whether any flow was due.
+    pub(super) fn service(
+        &mut self,
+        budget: &mut usize,
+        mut report: impl FnMut(FlowId, EchoReply<'_>),
+    ) -> bool {
         let (sockets, buf) = (&self.sockets, &mut self.buf);
         self.due.service_each(|flow| match sockets.get(&flow) {
-            Some(echo) => service_one(flow, echo, buf, &mut report),
+            Some(echo) => service_one(flow, echo, buf, budget, &mut report),
             None => true,
         })
     }
 }
 
-/// Reads what waits on the socket of `flow`, up to [`MAX_MESSAGES`], and
-/// reports the echo replies among it. Returns false if it stopped at that
-/// bound, with more perhaps waiting.
+/// Reads what waits on the socket of `flow`, up to [`MAX_MESSAGES`] and
+/// `budget`, and reports the echo replies among it. Returns false if it
+/// stopped at a bound, with more perhaps waiting.
 fn service_one(
     flow: FlowId,
     echo: &EchoSocket,
     buf: &mut [u8],
+    budget: &mut usize,
     report: &mut impl FnMut(FlowId, EchoReply<'_>),
 ) -> bool {
     let waker = echo.waker.rearm();
     let mut cx = Context::from_waker(&waker);
-    read_until_blocked(&echo.socket, &mut cx, MAX_MESSAGES, |socket| {
-        match recv_message(socket, buf) {
+    let max = MAX_MESSAGES.min(*budget);
+    read_until_blocked(&echo.socket, &mut cx, max, |socket| {
+        let received = recv_message(socket, buf);
+        if received.is_ok() {
+            *budget -= 1;
+        }
+        match received {
             Ok((len, from)) => {
                 if let Some((seq_no, payload)) = parse_reply(&buf[..len], echo.kind, echo.ipv6) {
                     let from = from.ip();
@@ -326,10 +337,13 @@ mod tests {
             }
             sockets.send(flow, dest, 7, b"ping");
             let mut seen = Vec::new();
+            let mut unlimited = usize::MAX;
             let wait = async {
                 while seen.is_empty() {
                     std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
-                    sockets.service(|flow, reply| seen.push((flow, format!("{reply:?}"))));
+                    sockets.service(&mut unlimited, |flow, reply| {
+                        seen.push((flow, format!("{reply:?}")))
+                    });
                 }
             };
             let waited = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;

@@ -18,7 +18,9 @@
 //!   has room (the loop waits for room while the router has something to
 //!   send), so TCP toward the peers is paced by the tunnel, not dropped.
 //! - UDP ([`udp`]) and ICMP echo ([`icmp`]): a bounded number of datagrams
-//!   per socket per service, into one shared buffer.
+//!   per socket per service, into one shared buffer, and only as many as
+//!   the router's transmit queue has room for; the rest wait in the
+//!   sockets' buffers until the tunnel takes packets.
 //!
 //! Events are taken in batches, like tunnel packets, so neither side
 //! starves the other. DNS lookups and forwarded queries run in their own
@@ -431,8 +433,12 @@ impl Driver {
                 }
                 // `drain` below services the due TCP and UDP sockets.
                 () = std::future::poll_fn(|cx| self.tcp.poll_due(cx)) => {}
-                () = std::future::poll_fn(|cx| self.udp.poll_due(cx)) => {}
-                () = std::future::poll_fn(|cx| self.echo.poll_due(cx)) => {}
+                // Without room for their datagrams, due UDP and ICMP
+                // sockets wait for the tunnel to take packets (below).
+                () = std::future::poll_fn(|cx| self.udp.poll_due(cx)),
+                    if self.router.transmit_room() > 0 => {}
+                () = std::future::poll_fn(|cx| self.echo.poll_due(cx)),
+                    if self.router.transmit_room() > 0 => {}
                 permit = outgoing.reserve(), if self.router.has_transmit() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     if let Some(packet) = self.router.poll_transmit() {
@@ -572,8 +578,11 @@ impl Driver {
     fn drain(&mut self) -> Result<(), RunError> {
         self.carry_out_socket_actions();
         let now = Instant::now();
+        // Datagrams for the peer are read only while the router's transmit
+        // queue has room for them; the rest wait in the sockets' buffers.
+        let mut room = self.router.transmit_room();
         let router = &mut self.router;
-        self.udp.service(|flow, event| match event {
+        self.udp.service(&mut room, |flow, event| match event {
             UdpEvent::Datagram { from, payload } => {
                 router.handle_udp_datagram(now, flow, from, payload);
             }
@@ -581,7 +590,7 @@ impl Driver {
                 router.handle_udp_unreachable(now, flow, dest, why);
             }
         });
-        self.echo.service(|flow, reply| {
+        self.echo.service(&mut room, |flow, reply| {
             router.handle_echo_reply(now, flow, reply.from, reply.seq_no, reply.payload);
         });
         // TCP sockets are serviced in place: what they report goes to the

@@ -7,9 +7,11 @@
 //! [`MAX_DATAGRAMS`] datagrams into one buffer shared by all flows and
 //! handing each to the core at once, so a datagram costs no allocation and
 //! no hand-off between tasks, and one busy flow cannot starve the others.
-//! What the tunnel cannot take waits in the core's bounded transmit queue,
-//! which drops and counts the excess. Sends never wait: a datagram that the
-//! socket cannot take at once is dropped, as a congested router drops it.
+//! Reads stop when the core's transmit queue is full (the driver passes its
+//! room as a budget), so a burst the tunnel cannot take yet waits in the
+//! sockets' buffers, where the kernel drops the excess per socket. Sends
+//! never wait: a datagram that the socket cannot take at once is dropped, as
+//! a congested router drops it.
 //!
 //! Sockets ask for ICMP errors (`IP_RECVERR`/`IPV6_RECVERR`). When a
 //! destination answers with "port unreachable" (or net or host
@@ -114,30 +116,42 @@ impl UdpSockets {
     }
 
     /// Services every flow due now, once, and reports what arrived with
-    /// `report`. A flow that had more than [`MAX_DATAGRAMS`] waiting stays
+    /// `report`: at most [`MAX_DATAGRAMS`] per flow, and `budget` in all
+    /// (decreased by what was read). A flow that had more waiting stays
     /// due. Returns whether any flow was due.
-    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, UdpEvent<'_>)) -> bool {
+    pub(super) fn service(
+        &mut self,
+        budget: &mut usize,
+        mut report: impl FnMut(FlowId, UdpEvent<'_>),
+    ) -> bool {
         let (sockets, buf) = (&self.sockets, &mut self.buf);
         self.due.service_each(|flow| match sockets.get(&flow) {
-            Some(f) => service_one(flow, f, buf, &mut report),
+            Some(f) => service_one(flow, f, buf, budget, &mut report),
             None => true,
         })
     }
 }
 
-/// Reads what waits on the socket of `flow`, up to [`MAX_DATAGRAMS`].
-/// Returns false if it stopped at that bound, with more perhaps waiting.
+/// Reads what waits on the socket of `flow`, up to [`MAX_DATAGRAMS`] and
+/// `budget`. Returns false if it stopped at a bound, with more perhaps
+/// waiting.
 fn service_one(
     flow: FlowId,
     f: &FlowSocket,
     buf: &mut [u8],
+    budget: &mut usize,
     report: &mut impl FnMut(FlowId, UdpEvent<'_>),
 ) -> bool {
     let waker = f.waker.rearm();
     let mut cx = Context::from_waker(&waker);
-    read_until_blocked(&f.socket, &mut cx, MAX_DATAGRAMS, |socket| {
+    let max = MAX_DATAGRAMS.min(*budget);
+    read_until_blocked(&f.socket, &mut cx, max, |socket| {
         // The buffer holds the largest datagram, so none is cut short.
-        match socket.recv_from(buf) {
+        let received = socket.recv_from(buf);
+        if received.is_ok() {
+            *budget -= 1;
+        }
+        match received {
             Ok((n, from)) => report(
                 flow,
                 UdpEvent::Datagram {
@@ -270,15 +284,48 @@ mod tests {
     /// reactor in between (for at most 10 s).
     async fn events(sockets: &mut UdpSockets, want: usize) -> Vec<(FlowId, String)> {
         let mut seen = Vec::new();
+        let mut unlimited = usize::MAX;
         let wait = async {
             while seen.len() < want {
                 std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
-                sockets.service(|flow, event| seen.push((flow, format!("{event:?}"))));
+                sockets.service(&mut unlimited, |flow, event| {
+                    seen.push((flow, format!("{event:?}")))
+                });
             }
         };
         let waited = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;
         assert!(waited.is_ok(), "only {} of {want} events came", seen.len());
         seen
+    }
+
+    /// A service reads no more than its budget; what is left waits in the
+    /// socket, and the flow stays due for the next service.
+    #[tokio::test]
+    async fn reads_stop_at_the_budget_and_the_rest_waits() {
+        let remote = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut sockets = UdpSockets::new();
+        let flow = FlowId(5);
+        sockets.open(flow, false).unwrap();
+        // The first service registers the socket; nothing has come yet.
+        sockets.service(&mut 10, |_, event| panic!("{event:?}"));
+        let port = sockets.sockets[&flow]
+            .socket
+            .get_ref()
+            .local_addr()
+            .unwrap()
+            .port();
+        for i in 0..10u8 {
+            remote.send_to(&[i], ("127.0.0.1", port)).unwrap();
+        }
+        std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
+        let mut got = Vec::new();
+        let mut budget = 4;
+        sockets.service(&mut budget, |_, event| got.push(format!("{event:?}")));
+        assert_eq!((got.len(), budget), (4, 0));
+        // Still due, without another readiness: the rest is read now.
+        let mut budget = 100;
+        assert!(sockets.service(&mut budget, |_, event| got.push(format!("{event:?}"))));
+        assert_eq!((got.len(), budget), (10, 94));
     }
 
     /// Datagrams come back through the service, more than one service's
