@@ -431,7 +431,7 @@ impl Driver {
                     self.handle_event(event);
                     self.drain_events(EVENT_BATCH - 1)?;
                 }
-                // `drain` below services the due TCP and UDP sockets.
+                // `drain` below services the due TCP, UDP and ICMP sockets.
                 () = std::future::poll_fn(|cx| self.tcp.poll_due(cx)) => {}
                 // Without room for their datagrams, due UDP and ICMP
                 // sockets wait for the tunnel to take packets (below).

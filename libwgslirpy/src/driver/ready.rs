@@ -1,7 +1,8 @@
 //! Which flows' host sockets need service, for sockets serviced in place.
 //!
-//! The router task does the socket calls of TCP ([`super::tcp`]) and UDP
-//! ([`super::udp`]) flows itself; no flow has a task. Each socket gets a
+//! The router task does the socket calls of TCP ([`super::tcp`]), UDP
+//! ([`super::udp`]) and ICMP echo ([`super::icmp`]) flows itself; no flow
+//! has a task. Each socket gets a
 //! waker of its own ([`FlowWaker`]) that tokio's reactor calls when the
 //! socket turns ready: it puts the flow on a shared list and wakes the
 //! router task. [`DueFlows`] keeps that list with the flows the core made
