@@ -27,8 +27,9 @@ serving the same kind of wireguard-go peer. Both topologies are up at once. It m
      byte-exact.
 `--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, iperf,
 echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
-baseline) and writes it to bench/results/. Network rule: every packet stays inside the namespaces it creates; they and
-every process it starts are removed (by PID) at the end, also on failure or Ctrl-C.
+baseline) and writes it to bench/results/. Network rule: every packet stays inside the
+namespaces it creates; they and every process it starts are removed (by PID) at the end,
+also on failure or Ctrl-C.
 
 The same file is also the servers and clients it runs inside the namespaces
 (`bench.py serve ...`, `bench.py client ...`).
