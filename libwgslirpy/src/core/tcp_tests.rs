@@ -574,6 +574,49 @@ fn acks_after_a_zero_window_probe_stay_inside_the_peers_window() {
     assert_eq!((again[0].seq, again[0].ack), (first, Some(h.seq)));
 }
 
+/// An answer a segment needs at once (here the duplicate ACK for a segment
+/// beyond a gap) is made when the tunnel has room, like data, so a full
+/// transmit queue cannot drop it after its window was recorded as told.
+#[test]
+fn owed_acks_are_not_dropped_by_a_full_transmit_queue() {
+    let mut config = config();
+    config.transmit_queue_capacity = 2;
+    let mut h = Harness::new(&config);
+    let (_, first) = h.establish();
+    // Two stray segments from other ports fill the queue with their RSTs.
+    for port in [1, 2] {
+        let stray = TcpSegment {
+            seq: 5,
+            ack: Some(7),
+            ..TcpSegment::default()
+        };
+        let from = sa(&format!("10.0.2.15:{port}"));
+        let packet = packet::build_tcp(from, h.remote, &stray).unwrap();
+        h.router.handle_packet(h.now, &packet);
+    }
+    h.send(TcpSegment {
+        seq: h.seq + 100,
+        ack: Some(first),
+        window: 512,
+        payload: b"later",
+        ..TcpSegment::default()
+    });
+    assert_eq!(h.router.stats().dropped_queue_full, 0);
+    // What reaches the tunnel: (destination, RST flag, ACK number).
+    let sent: Vec<_> = std::iter::from_fn(|| h.router.poll_transmit())
+        .filter_map(|p| match packet::parse(&p) {
+            Ok(Parsed::Tcp { dst, segment, .. }) => Some((dst, segment.rst, segment.ack)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent.iter().filter(|(_, rst, _)| *rst).count(),
+        2,
+        "{sent:?}"
+    );
+    assert!(sent.contains(&(h.peer, false, Some(h.seq))), "{sent:?}");
+}
+
 #[test]
 fn lost_data_is_retransmitted_on_rto_with_backoff() {
     let mut h = Harness::new(&config());

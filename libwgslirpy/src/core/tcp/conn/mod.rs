@@ -37,6 +37,8 @@ const HALF_CLOSED_IDLE: Duration = Duration::from_secs(600);
 const MAX_OOO_SEGMENTS: usize = 64;
 /// Duplicate ACKs that trigger a fast retransmit (RFC 5681).
 const DUPACK_THRESHOLD: u8 = 3;
+/// Most pure ACKs owed at once: one per out-of-order segment kept.
+const MAX_ACKS_OWED: u8 = MAX_OOO_SEGMENTS as u8;
 
 /// Whether a connection lives on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,10 @@ pub(super) struct Conn {
     /// Right edge of the window last advertised.
     adv_edge: u32,
     ack_due: bool,
+    /// Pure ACKs owed one per segment that needs its own answer (out of
+    /// order, duplicate, out of window, a probe), so that the peer counts
+    /// duplicate ACKs as from an eager answer. See [`Conn::owe_ack`].
+    acks_owed: u8,
     /// The peer offered window scaling, so both sides use it.
     wscale_ok: bool,
     our_wscale: u8,
@@ -217,6 +223,7 @@ impl Conn {
             inbound: Inbound::Open,
             adv_edge: 0,
             ack_due: false,
+            acks_owed: 0,
             wscale_ok: false,
             our_wscale,
             iss,
@@ -759,7 +766,7 @@ impl Conn {
             let skip = dist(seq, self.rcv_nxt) as usize;
             if skip > data.len() || (skip == data.len() && !fin) {
                 // Entirely old: the peer missed our ACK.
-                self.ack_now(ctx);
+                self.owe_ack(ctx);
                 return;
             }
             data = &data[skip..];
@@ -769,7 +776,7 @@ impl Conn {
         if offset > 0 && offset >= window {
             // Starts beyond the window.
             ctx.stats.tcp_segments_dropped += 1;
-            self.ack_now(ctx);
+            self.owe_ack(ctx);
             return;
         }
         let room = window.saturating_sub(offset) as usize;
@@ -779,13 +786,13 @@ impl Conn {
             if data.is_empty() {
                 // A zero window: nothing fits.
                 ctx.stats.tcp_segments_dropped += 1;
-                self.ack_now(ctx);
+                self.owe_ack(ctx);
                 return;
             }
         }
         if offset > 0 {
             self.store_ooo(seq, data, fin, ctx);
-            self.ack_now(ctx);
+            self.owe_ack(ctx);
             return;
         }
         if !data.is_empty() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
-use super::{Alive, Conn, Ctx, Inbound, State};
+use super::{Alive, Conn, Ctx, Inbound, MAX_ACKS_OWED, State};
 use crate::core::SocketAction;
 use crate::core::packet::{self, TcpSegment};
 use crate::core::tcp::Settings;
@@ -57,9 +57,16 @@ impl Conn {
         }
     }
 
-    pub(super) fn ack_now(&mut self, ctx: &mut Ctx<'_>) {
-        let segment = self.header(ctx.settings, self.dataless_seq());
-        ctx.send(&segment);
+    /// Owes the peer a pure ACK of its own for the segment just received (a
+    /// duplicate ACK, or the answer to a probe). It is made with the other
+    /// segments, when the tunnel has room, carrying the window of that
+    /// moment. Made eagerly, it went through the transmit queue, which
+    /// drops when full, after `header` had recorded the window it
+    /// advertised: a later opening smaller than a segment past that record
+    /// then sent no update, and the peer waited for its persist timer.
+    pub(super) fn owe_ack(&mut self, ctx: &mut Ctx<'_>) {
+        self.acks_owed = self.acks_owed.saturating_add(1).min(MAX_ACKS_OWED);
+        self.wake(ctx);
     }
 
     /// The sequence number for a segment without data (an ACK, a RST):
@@ -117,7 +124,11 @@ impl Conn {
             State::TimeWait { .. } => self.ack_due,
             State::Open if self.peer_done => false,
             State::Open => {
-                self.ack_due || self.retransmit_one || self.sendable() > 0 || self.fin_ready()
+                self.ack_due
+                    || self.acks_owed > 0
+                    || self.retransmit_one
+                    || self.sendable() > 0
+                    || self.fin_ready()
             }
         }
     }
@@ -202,9 +213,10 @@ impl Conn {
             && (seq == self.snd_nxt
                 || dist(self.snd_una, self.snd_max) as usize > self.send_buf.len());
         if len == 0 && !send_fin {
-            if !self.ack_due {
+            if !self.ack_due && self.acks_owed == 0 {
                 return None;
             }
+            self.acks_owed = self.acks_owed.saturating_sub(1);
             let segment = self.header(ctx.settings, self.dataless_seq());
             return packet::build_tcp(ctx.remote, ctx.peer, &segment);
         }
