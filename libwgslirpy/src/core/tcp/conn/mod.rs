@@ -121,7 +121,7 @@ pub(super) struct Conn {
     /// Right edge of the window last advertised.
     adv_edge: u32,
     ack_due: bool,
-    /// Pure ACKs owed one per segment that needs its own answer (out of
+    /// Pure ACKs owed: one per segment that needs its own answer (out of
     /// order, duplicate, out of window, a probe), so that the peer counts
     /// duplicate ACKs as from an eager answer. See [`Conn::owe_ack`].
     acks_owed: u8,
