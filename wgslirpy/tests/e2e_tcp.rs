@@ -201,9 +201,9 @@ fn refused_port_is_reported_quickly() {
 
 /// Concurrent connections each echo 1 MB, all byte-exact, and all close. 100 here; the
 /// issue's 200 run in the benchmark (release build), because one CI run of 200 in this
-/// debug build stalled: a client's 1 MB did not finish within 240 s. The likely cause is
-/// fixed (docs/DESIGN.md, TCP, "Every segment is made lazily"); 200 comes back once that
-/// has held in repeated runs.
+/// debug build stalled: a client's 1 MB did not finish within 240 s, and runs of 200 take
+/// 50–210 s (docs/DESIGN.md, TCP, "Every segment is made lazily"). 200 comes back once
+/// that spread is explained.
 #[test]
 fn concurrent_1mb_echoes_all_complete() {
     let Some(mut rig) = start("concurrent_1mb_echoes_all_complete", |b| {
