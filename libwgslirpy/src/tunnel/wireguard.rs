@@ -28,10 +28,11 @@
 //!   dropped unless its inner source lies within the sending peer's allowed
 //!   IPs.
 //!
-//! Costs: per packet, a device read lock, a per-peer tokio mutex and an extra
-//! channel hop inside gotatun (its buffered TUN adapter), plus one copy into
-//! a fresh [`BytesMut`] on the way in and one allocation in the encryptor on
-//! the way out. The device logs through `tracing` itself (peer added, task
+//! Costs: per batch, a device read lock (the patched device has no
+//! buffering tasks of its own, `vendor/gotatun/PATCHED.md`); per packet, a
+//! per-peer tokio mutex, one hop over our channel, one copy into a fresh
+//! [`BytesMut`] on the way in and one allocation in the encryptor on the way
+//! out. The device logs through `tracing` itself (peer added, task
 //! errors; a warning per packet with a disallowed inner source in debug
 //! builds).
 
