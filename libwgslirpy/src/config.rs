@@ -199,6 +199,10 @@ pub struct Config {
     /// Packets that may wait for the tunnel before new ones are dropped
     /// (`--transmit-queue-capacity`).
     pub transmit_queue_capacity: usize,
+    /// Kernel buffer asked for on the tunnel's UDP socket, each way, in
+    /// bytes (`--tunnel-socket-buffer`); without `CAP_NET_ADMIN` the kernel
+    /// caps it at `net.core.rmem_max` / `wmem_max`.
+    pub tunnel_socket_buffer: usize,
     /// Reverse UDP forwards (`-u`).
     pub incoming_udp: Vec<Forward>,
     /// Reverse TCP forwards (`-t`).
@@ -251,6 +255,9 @@ pub struct Config {
 /// Smallest tunnel MTU accepted: IPv6's minimum link MTU.
 pub const MIN_MTU: u16 = 1280;
 
+/// Smallest tunnel socket buffer accepted: a few packets' worth.
+pub const MIN_TUNNEL_SOCKET_BUFFER: usize = 8192;
+
 impl Config {
     /// Defaults for everything but the transport and the bind address.
     pub fn new(transport: Transport, bind: SocketAddr) -> Self {
@@ -265,6 +272,7 @@ impl Config {
             resolver_threads: 4,
             tcp_buffer_size: 65535,
             transmit_queue_capacity: 256,
+            tunnel_socket_buffer: 4 << 20,
             incoming_udp: Vec::new(),
             incoming_tcp: Vec::new(),
             max_udp_flows: 4096,
@@ -303,6 +311,15 @@ impl Config {
             return Err(ConfigError::OutOfRange {
                 setting: "--transmit-queue-capacity",
                 why: "it must be at least 1".into(),
+            });
+        }
+        if self.tunnel_socket_buffer < MIN_TUNNEL_SOCKET_BUFFER {
+            return Err(ConfigError::OutOfRange {
+                setting: "--tunnel-socket-buffer",
+                why: format!(
+                    "{} is below the minimum of {MIN_TUNNEL_SOCKET_BUFFER}",
+                    self.tunnel_socket_buffer
+                ),
             });
         }
         if self.max_udp_flows == 0 {

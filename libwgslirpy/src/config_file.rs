@@ -70,6 +70,8 @@ pub struct RouterSettings {
     pub tcp_buffer_size: Option<usize>,
     /// `TransmitQueueCapacity` (`--transmit-queue-capacity`).
     pub transmit_queue_capacity: Option<usize>,
+    /// `TunnelSocketBuffer` (`--tunnel-socket-buffer`).
+    pub tunnel_socket_buffer: Option<usize>,
     /// `MaxUdpFlows` (`--max-udp-flows`).
     pub max_udp_flows: Option<usize>,
     /// `UdpIdleTimeout`, in seconds (`--udp-idle-timeout`).
@@ -137,6 +139,9 @@ pub const SETTINGS: &[(&str, Setter)] = &[
     }),
     ("TransmitQueueCapacity", |s, v| {
         set(&mut s.transmit_queue_capacity, v, "a number of packets")
+    }),
+    ("TunnelSocketBuffer", |s, v| {
+        set(&mut s.tunnel_socket_buffer, v, "a number of bytes")
     }),
     ("MaxUdpFlows", |s, v| {
         set(&mut s.max_udp_flows, v, "a number of flows")
@@ -289,6 +294,7 @@ impl RouterSettings {
                 &mut config.max_tcp_pending_connects,
             ),
             (self.max_reassembly_bytes, &mut config.max_reassembly_bytes),
+            (self.tunnel_socket_buffer, &mut config.tunnel_socket_buffer),
             (self.max_icmp_ids, &mut config.max_icmp_ids),
         ];
         for (value, slot) in limits {

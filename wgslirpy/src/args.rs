@@ -218,6 +218,12 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "PACKETS", default_value_t = 256)]
     transmit_queue_capacity: usize,
 
+    /// Kernel buffer to ask for on the tunnel's UDP socket, each way, in bytes: bursts from the
+    /// peers wait there instead of being lost. Without CAP_NET_ADMIN the kernel caps it at
+    /// net.core.rmem_max and net.core.wmem_max (logged at startup when it does).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    tunnel_socket_buffer: usize,
+
     /// Most UDP flows of each peer at once; when a peer's are full, its least recently used
     /// flow is closed (never another peer's).
     #[arg(long, value_name = "FLOWS", default_value_t = 4096)]
@@ -352,6 +358,9 @@ impl GatewayArgs {
         }
         if given("transmit_queue_capacity") {
             config.transmit_queue_capacity = self.transmit_queue_capacity;
+        }
+        if given("tunnel_socket_buffer") {
+            config.tunnel_socket_buffer = self.tunnel_socket_buffer;
         }
         if given("max_udp_flows") {
             config.max_udp_flows = self.max_udp_flows;
@@ -910,6 +919,7 @@ mod tests {
         );
         assert_eq!(config.max_udp_flows, library.max_udp_flows);
         assert_eq!(config.udp_idle_timeout, library.udp_idle_timeout);
+        assert_eq!(config.tunnel_socket_buffer, library.tunnel_socket_buffer);
         // And flags not given are not mistaken for given ones.
         let cli = Cli::parse_args([
             "wgslirpy",
@@ -970,6 +980,17 @@ mod tests {
         assert!(error.starts_with("--max-tcp-connections"), "{error}");
     }
 
+    #[test]
+    fn tunnel_socket_buffer_parses_and_a_tiny_one_is_refused() {
+        let base = ["-k", PRIVATE, "-K", PEER, "-b", "127.0.0.1:1"];
+        let mut args = base.to_vec();
+        args.extend(["--tunnel-socket-buffer", "1048576"]);
+        assert_eq!(parse(&args).unwrap().tunnel_socket_buffer, 1 << 20);
+        let mut tiny = base.to_vec();
+        tiny.extend(["--tunnel-socket-buffer", "100"]);
+        let error = parse(&tiny).unwrap_err().to_string();
+        assert!(error.starts_with("--tunnel-socket-buffer"), "{error}");
+    }
     #[test]
     fn dns_settings() {
         let base = [

@@ -116,6 +116,7 @@ fn every_wgslirpy_setting() {
          TcpIdleTimeout = 15\n\
          MaxReassemblyBytes = 65536\n\
          MaxIcmpIds = 16\n\
+         TunnelSocketBuffer = 1048576\n\
          Metrics = 127.0.0.1:9100\n"
     );
     let file = parse_ok(&text);
@@ -139,6 +140,7 @@ fn every_wgslirpy_setting() {
     assert_eq!(config.tcp_idle_timeout, Duration::from_secs(15));
     assert_eq!(config.max_reassembly_bytes, 65536);
     assert_eq!(config.max_icmp_ids, 16);
+    assert_eq!(config.tunnel_socket_buffer, 1 << 20);
     assert_eq!(config.metrics, Some(addr("127.0.0.1:9100")));
     let s = file.settings;
     assert_eq!(s.bind, Some(addr("127.0.0.1:5000")));

@@ -8,6 +8,9 @@
 //! - [`rawip`]: IPv4/IPv6 packets carried bare in UDP datagrams, as Linux GUE
 //!   variant 1 sends them. No authentication at all.
 //!
+//! Both ask the kernel for large buffers on their socket
+//! ([`socket_buffers`]), so that a burst waits there instead of being lost.
+//!
 //! A transport hands the router decrypted, source-checked IP packets on
 //! `incoming`, and takes packets for peers on `outgoing`. Both channels are
 //! bounded. The router must only `try_send` on `outgoing`: when the queue is
@@ -15,6 +18,7 @@
 //! tunnel never stalls the router. Dropping the handle stops the transport.
 
 pub mod rawip;
+mod socket_buffers;
 mod uapi;
 mod udp_gso;
 pub mod wireguard;

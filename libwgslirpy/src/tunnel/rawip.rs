@@ -74,6 +74,7 @@ pub(super) async fn start(
         source,
     };
     let socket = bind(config.bind).map_err(bind_error)?;
+    super::socket_buffers::request(&socket, config.tunnel_socket_buffer);
     let local_addr = socket.local_addr().map_err(bind_error)?;
 
     match peer {

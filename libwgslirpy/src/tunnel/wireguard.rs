@@ -137,6 +137,7 @@ pub(super) async fn start(
     let builder = device::build()
         .with_udp(ExactBind {
             ip: config.bind.ip(),
+            buffer: config.tunnel_socket_buffer,
         })
         .with_ip_pair(
             ToRouter(incoming_tx),
@@ -559,10 +560,13 @@ fn into_ip_packet(bytes: IpPacket) -> Option<Packet<Ip>> {
 }
 
 /// Binds the device's UDP socket to one exact IP address, with the port the
-/// device asks for. gotatun's own factory would bind dual-stack `::`.
+/// device asks for, and sizes its buffers. gotatun's own factory would bind
+/// dual-stack `::`.
 struct ExactBind {
     /// The address to bind, from `config.bind`.
     ip: IpAddr,
+    /// Kernel buffer to ask for each way, from `config.tunnel_socket_buffer`.
+    buffer: usize,
 }
 
 impl UdpTransportFactory for ExactBind {
@@ -586,6 +590,7 @@ impl UdpTransportFactory for ExactBind {
             ..SockOpt::default()
         };
         let socket = UdpSocket::bind(SocketAddr::new(self.ip, params.port), options)?;
+        super::socket_buffers::request(&socket, self.buffer);
         if let Err(error) = socket.enable_udp_gro() {
             tracing::debug!(%error, "UDP GRO unavailable");
         }
