@@ -20,6 +20,10 @@ class Server(socketserver.ThreadingTCPServer):
     address_family = socket.AF_INET6
     allow_reuse_address = True
     daemon_threads = True
+    # socketserver listens with a backlog of 5. 200 connects at once overflowed it and the
+    # kernel sent SYN cookies; a connection whose cookie ACK finds the accept queue full is
+    # reset when its data comes (the likely cause of two resets in one run of six).
+    request_queue_size = 1024
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
