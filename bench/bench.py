@@ -493,6 +493,14 @@ def busiest_thread_delta(before, after):
     return max((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), default=0.0)
 
 
+def udp_receive_drops(topo, ns):
+    """Datagrams the kernel dropped in namespace `ns` for a full socket receive buffer
+    (`UdpRcvbufErrors`): in "gw", the gateway's tunnel socket; in "peer", the peer's."""
+    lines = [l.split() for l in topo.sh("cat", "/proc/net/snmp", ns=ns).splitlines()
+             if l.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 def rss_bytes(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -626,6 +634,7 @@ def measure_iperf(topo, seconds, res, log):
                     "-P", str(streams)] + (["-R"] if reverse else [])
             cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
             threads0 = thread_cpu_seconds(pid)
+            drops0 = udp_receive_drops(topo, "gw")
             perf = None
             if topo.perf and topo.kind == "ours" and streams == 4:
                 data = os.path.join(topo.log_dir, "perf-%s.data" % key)
@@ -659,17 +668,23 @@ def measure_iperf(topo, seconds, res, log):
             res[key + "_peer_cpu_per_gb"] = (peer1 - peer0) / gb if gb else float("nan")
             res[key + "_busiest_thread_cpu_per_gb"] = busiest / gb if gb else float("nan")
             res[key + "_retransmits"] = j["end"].get("sum_sent", {}).get("retransmits")
+            res[key + "_tunnel_drops"] = udp_receive_drops(topo, "gw") - drops0
             log("  iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
-                "retransmits %s" % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
-                                    res[key + "_peer_cpu_per_gb"], res[key + "_retransmits"]))
+                "retransmits %s, tunnel socket drops %d"
+                % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
+                   res[key + "_peer_cpu_per_gb"], res[key + "_retransmits"],
+                   res[key + "_tunnel_drops"]))
             time.sleep(0.5)
 
 
 def measure_echo(topo, conns, res, log):
+    drops0 = udp_receive_drops(topo, "gw")
     out = client(topo, ["echo", INET_V4, str(conns), str(1 << 20)], 300)
     last = out.strip().splitlines()[-1].split()
-    res.update(echo_conns=conns, echo_ok=int(last[1]), echo_s=float(last[2]))
-    log("  %d x 1 MB echoes: %d byte-exact in %.1f s" % (conns, res["echo_ok"], res["echo_s"]))
+    res.update(echo_conns=conns, echo_ok=int(last[1]), echo_s=float(last[2]),
+               echo_tunnel_drops=udp_receive_drops(topo, "gw") - drops0)
+    log("  %d x 1 MB echoes: %d byte-exact in %.1f s, tunnel socket drops %d"
+        % (conns, res["echo_ok"], res["echo_s"], res["echo_tunnel_drops"]))
 
 
 def run_all(kinds, args, log_dir, log):
@@ -795,14 +810,19 @@ def report(ours, base, args, started):
     row("%d concurrent 1 MB echoes, seconds" % args.echoes, "echo_s", ".1f")
     lines += [
         "",
-        "Context (not targets): the peer's wireguard-go CPU-s per GB, same runs:",
+        "Context (not targets): the peer's wireguard-go CPU-s per GB, and datagrams dropped "
+        "by the gateway's tunnel socket for a full receive buffer (UdpRcvbufErrors in the "
+        "gateway namespace), same runs:",
         "",
-        "| run | wgslirpy | baseline |",
-        "|---|---|---|",
+        "| run | peer CPU-s/GB, wgslirpy | peer CPU-s/GB, baseline "
+        "| tunnel socket drops, wgslirpy | tunnel socket drops, baseline |",
+        "|---|---|---|---|---|",
     ]
-    for key in ("up1", "up4", "down1", "down4"):
-        lines.append("| %s | %s | %s |" % (key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
-                                           fmt(base.get(key + "_peer_cpu_per_gb"), ".2f")))
+    for key in ("up1", "up4", "down1", "down4", "echo"):
+        lines.append("| %s | %s | %s | %s | %s |" % (
+            key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
+            fmt(base.get(key + "_peer_cpu_per_gb"), ".2f"),
+            fmt(ours.get(key + "_tunnel_drops"), "d"), fmt(base.get(key + "_tunnel_drops"), "d")))
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):
             lines += ["", "perf, wgslirpy during the 4-stream %s (self time by object, then by "
