@@ -634,7 +634,7 @@ def measure_iperf(topo, seconds, res, log):
                     "-P", str(streams)] + (["-R"] if reverse else [])
             cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
             threads0 = thread_cpu_seconds(pid)
-            drops0 = udp_receive_drops(topo, "gw")
+            drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
             perf = None
             if topo.perf and topo.kind == "ours" and streams == 4:
                 data = os.path.join(topo.log_dir, "perf-%s.data" % key)
@@ -668,23 +668,26 @@ def measure_iperf(topo, seconds, res, log):
             res[key + "_peer_cpu_per_gb"] = (peer1 - peer0) / gb if gb else float("nan")
             res[key + "_busiest_thread_cpu_per_gb"] = busiest / gb if gb else float("nan")
             res[key + "_retransmits"] = j["end"].get("sum_sent", {}).get("retransmits")
-            res[key + "_tunnel_drops"] = udp_receive_drops(topo, "gw") - drops0
+            res[key + "_tunnel_drops"] = udp_receive_drops(topo, "gw") - drops0[0]
+            res[key + "_peer_drops"] = udp_receive_drops(topo, "peer") - drops0[1]
             log("  iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
-                "retransmits %s, tunnel socket drops %d"
+                "retransmits %s, tunnel socket drops %d (peer's %d)"
                 % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
                    res[key + "_peer_cpu_per_gb"], res[key + "_retransmits"],
-                   res[key + "_tunnel_drops"]))
+                   res[key + "_tunnel_drops"], res[key + "_peer_drops"]))
             time.sleep(0.5)
 
 
 def measure_echo(topo, conns, res, log):
-    drops0 = udp_receive_drops(topo, "gw")
+    drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
     out = client(topo, ["echo", INET_V4, str(conns), str(1 << 20)], 300)
     last = out.strip().splitlines()[-1].split()
     res.update(echo_conns=conns, echo_ok=int(last[1]), echo_s=float(last[2]),
-               echo_tunnel_drops=udp_receive_drops(topo, "gw") - drops0)
-    log("  %d x 1 MB echoes: %d byte-exact in %.1f s, tunnel socket drops %d"
-        % (conns, res["echo_ok"], res["echo_s"], res["echo_tunnel_drops"]))
+               echo_tunnel_drops=udp_receive_drops(topo, "gw") - drops0[0],
+               echo_peer_drops=udp_receive_drops(topo, "peer") - drops0[1])
+    log("  %d x 1 MB echoes: %d byte-exact in %.1f s, tunnel socket drops %d (peer's %d)"
+        % (conns, res["echo_ok"], res["echo_s"], res["echo_tunnel_drops"],
+           res["echo_peer_drops"]))
 
 
 def run_all(kinds, args, log_dir, log):
@@ -811,18 +814,20 @@ def report(ours, base, args, started):
     lines += [
         "",
         "Context (not targets): the peer's wireguard-go CPU-s per GB, and datagrams dropped "
-        "by the gateway's tunnel socket for a full receive buffer (UdpRcvbufErrors in the "
-        "gateway namespace), same runs:",
+        "for a full socket receive buffer (UdpRcvbufErrors) by the gateway's tunnel socket "
+        "and by the peer's, same runs:",
         "",
         "| run | peer CPU-s/GB, wgslirpy | peer CPU-s/GB, baseline "
-        "| tunnel socket drops, wgslirpy | tunnel socket drops, baseline |",
-        "|---|---|---|---|---|",
+        "| gateway socket drops, wgslirpy | gateway socket drops, baseline "
+        "| peer socket drops, wgslirpy | peer socket drops, baseline |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in ("up1", "up4", "down1", "down4", "echo"):
-        lines.append("| %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s | %s | %s | %s |" % (
             key, fmt(ours.get(key + "_peer_cpu_per_gb"), ".2f"),
             fmt(base.get(key + "_peer_cpu_per_gb"), ".2f"),
-            fmt(ours.get(key + "_tunnel_drops"), "d"), fmt(base.get(key + "_tunnel_drops"), "d")))
+            fmt(ours.get(key + "_tunnel_drops"), "d"), fmt(base.get(key + "_tunnel_drops"), "d"),
+            fmt(ours.get(key + "_peer_drops"), "d"), fmt(base.get(key + "_peer_drops"), "d")))
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):
             lines += ["", "perf, wgslirpy during the 4-stream %s (self time by object, then by "
