@@ -32,6 +32,7 @@ use bytes::BytesMut;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use super::limit::LimitLog;
+use super::packet::TRANSPORT_TAILROOM;
 
 /// Length of the IPv4 header of the packets we build (no options).
 const IPV4_HEADER: usize = 20;
@@ -83,7 +84,7 @@ fn fragment_ipv4(packet: &[u8], mtu: usize, ident: u16, mut emit: impl FnMut(Byt
     let mut offset = 0;
     for piece in payload.chunks(chunk) {
         let more = offset + piece.len() < payload.len();
-        let mut buf = BytesMut::with_capacity(IPV4_HEADER + piece.len());
+        let mut buf = BytesMut::with_capacity(IPV4_HEADER + piece.len() + TRANSPORT_TAILROOM);
         buf.extend_from_slice(header);
         buf.extend_from_slice(piece);
         let mut view = Ipv4Packet::new_unchecked(&mut buf[..]);
@@ -111,7 +112,9 @@ fn fragment_ipv6(packet: &[u8], mtu: usize, ident: u32, mut emit: impl FnMut(Byt
     let mut offset = 0;
     for piece in payload.chunks(chunk) {
         let more = offset + piece.len() < payload.len();
-        let mut buf = BytesMut::with_capacity(IPV6_HEADER + FRAGMENT_HEADER + piece.len());
+        let mut buf = BytesMut::with_capacity(
+            IPV6_HEADER + FRAGMENT_HEADER + piece.len() + TRANSPORT_TAILROOM,
+        );
         buf.extend_from_slice(header);
         let offset_and_flag = (offset as u16) | u16::from(more);
         buf.extend_from_slice(&[next_header, 0]);

@@ -30,11 +30,14 @@
 //!
 //! Costs: per batch, a device read lock (the patched device has no
 //! buffering tasks of its own, `vendor/gotatun/PATCHED.md`); per packet, a
-//! per-peer tokio mutex, one hop over our channel, one copy into a fresh
-//! [`BytesMut`] on the way in and one allocation in the encryptor on the way
-//! out. The device logs through `tracing` itself (peer added, task
-//! errors; a warning per packet with a disallowed inner source in debug
-//! builds).
+//! per-peer tokio mutex, one hop over our channel, and one copy into a fresh
+//! [`BytesMut`] on the way in. On the way out a packet is sealed in its own
+//! buffer, which the router builds with room for WireGuard's header, padding
+//! and tag ([`TRANSPORT_TAILROOM`]). The device logs through `tracing`
+//! itself (peer added, task errors; a warning per packet with a disallowed
+//! inner source in debug builds).
+//!
+//! [`TRANSPORT_TAILROOM`]: crate::core::packet::TRANSPORT_TAILROOM
 
 use std::collections::HashMap;
 use std::io;
@@ -889,6 +892,70 @@ mod tests {
                 tokio::time::Instant::now() < deadline,
                 "real peer locked out"
             );
+        }
+    }
+
+    /// A packet as the router builds it is sealed in its own buffer (no
+    /// allocation in the encryptor, `vendor/gotatun/PATCHED.md`), and the
+    /// peer opens it intact.
+    #[test]
+    fn router_packets_are_sealed_in_their_own_buffer() {
+        use gotatun::noise::index_table::IndexTable;
+        use gotatun::noise::rate_limiter::RateLimiter;
+        use gotatun::noise::{Tunn, TunnResult};
+        use gotatun::packet::WgKind;
+
+        let end = |own: u8, other: u8| {
+            let secret = x25519::StaticSecret::from([own; 32]);
+            let public = x25519::PublicKey::from(&secret);
+            let other = x25519::PublicKey::from(&x25519::StaticSecret::from([other; 32]));
+            let limiter = Arc::new(RateLimiter::new(&public, 100));
+            Tunn::new(
+                secret,
+                other,
+                None,
+                None,
+                IndexTable::from_os_rng(),
+                limiter,
+            )
+        };
+        let (mut gateway, mut peer) = (end(1, 2), end(2, 1));
+        let init = peer.format_handshake_initiation(false).unwrap();
+        let TunnResult::WriteToNetwork(response) =
+            gateway.handle_incoming_packet(WgKind::HandshakeInit(init))
+        else {
+            panic!("no handshake response");
+        };
+        let TunnResult::WriteToNetwork(keepalive) = peer.handle_incoming_packet(response) else {
+            panic!("no keepalive");
+        };
+        assert!(matches!(
+            gateway.handle_incoming_packet(keepalive),
+            TunnResult::WriteToTunnel(_)
+        ));
+
+        let mut mtu = MtuWatcher::new(1420);
+        // Full size, and a size that WireGuard pads.
+        for payload in [1392, 1001] {
+            let ip = crate::core::packet::build_udp(
+                "198.18.2.2:53".parse().unwrap(),
+                "10.0.2.15:4000".parse().unwrap(),
+                &vec![0x5a; payload],
+            )
+            .unwrap();
+            let (original, start) = (ip.clone(), ip.as_ptr());
+            let packet = into_ip_packet(ip).unwrap();
+            let sealed = gateway
+                .handle_outgoing_packet(packet.into(), Some(&mut mtu))
+                .unwrap();
+            let sealed = Packet::from(sealed);
+            assert_eq!(sealed.as_ptr(), start, "sealed in another buffer");
+            let TunnResult::WriteToTunnel(opened) =
+                peer.handle_incoming_packet(sealed.try_into_wg().unwrap())
+            else {
+                panic!("the peer could not open it");
+            };
+            assert_eq!(&opened[..original.len()], &original[..]);
         }
     }
 }

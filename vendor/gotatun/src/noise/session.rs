@@ -16,7 +16,7 @@ use crate::{
     noise::index_table::Index,
     packet::{Packet, WgData, WgDataHeader, WgKind},
 };
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use zerocopy::FromBytes;
@@ -234,25 +234,22 @@ impl Session {
         }
         let sending_key_counter = self.sending_key_counter.fetch_add(1, Ordering::Relaxed);
 
-        let len = WgData::OVERHEAD + packet.len();
+        // Seal in the packet's own buffer (wgslirpy): the payload moves up past the header,
+        // and the tag follows it. No allocation when the buffer has room for both, which
+        // wgslirpy's router leaves; otherwise `resize` grows it once.
+        let payload_len = packet.len();
+        let mut buf = packet;
+        let bytes = buf.buf_mut();
+        bytes.resize(WgData::OVERHEAD + payload_len, 0);
+        bytes.copy_within(..payload_len, WgDataHeader::LEN);
 
-        // Prepare a buffer to hold our the WgData packet and our encapsulated payload.
-        // TODO: we can remove this allocation by pre-allocating some extra
-        // space at the beginning of `packet`s allocation, and using that.
-        let mut buf = Packet::from_bytes(BytesMut::zeroed(len));
-
-        let data = WgData::mut_from_bytes(buf.buf_mut())
-            .expect("buffer size is at least WgData::OVERHEAD");
+        let data = WgData::mut_from_bytes(bytes).expect("buffer size is at least WgData::OVERHEAD");
 
         // Initialize wireguard header.
         data.header = WgDataHeader::new()
             .with_receiver_idx(self.sending_index)
             .with_counter(sending_key_counter);
-
-        // Copy inner packet into place.
-        debug_assert_eq!(packet.len(), data.encrypted_encapsulated_packet_mut().len());
-        data.encrypted_encapsulated_packet_mut()
-            .copy_from_slice(&packet);
+        debug_assert_eq!(payload_len, data.encrypted_encapsulated_packet_mut().len());
 
         let mut nonce = [0u8; 12];
         nonce[4..12].copy_from_slice(&sending_key_counter.to_le_bytes());
@@ -343,7 +340,7 @@ mod tests {
     /// Craft a (cryptographically invalid) `WgData` packet with a chosen receiver index and
     /// counter, for exercising the receive-path checks that run before decryption.
     fn make_data_packet(receiver_idx: u32, counter: u64) -> Packet<WgData> {
-        let mut buf = Packet::from_bytes(BytesMut::zeroed(WgData::OVERHEAD));
+        let mut buf = Packet::from_bytes(bytes::BytesMut::zeroed(WgData::OVERHEAD));
         let data = WgData::mut_from_bytes(buf.buf_mut()).expect("buffer is WgData::OVERHEAD");
         data.header = WgDataHeader::new()
             .with_receiver_idx(receiver_idx)
