@@ -258,6 +258,10 @@ pub const MIN_MTU: u16 = 1280;
 /// Smallest tunnel socket buffer accepted: a few packets' worth.
 pub const MIN_TUNNEL_SOCKET_BUFFER: usize = 8192;
 
+/// Largest tunnel socket buffer accepted: the kernel takes the size as a C
+/// `int` and doubles it.
+pub const MAX_TUNNEL_SOCKET_BUFFER: usize = 1 << 30;
+
 impl Config {
     /// Defaults for everything but the transport and the bind address.
     pub fn new(transport: Transport, bind: SocketAddr) -> Self {
@@ -313,11 +317,13 @@ impl Config {
                 why: "it must be at least 1".into(),
             });
         }
-        if self.tunnel_socket_buffer < MIN_TUNNEL_SOCKET_BUFFER {
+        if !(MIN_TUNNEL_SOCKET_BUFFER..=MAX_TUNNEL_SOCKET_BUFFER)
+            .contains(&self.tunnel_socket_buffer)
+        {
             return Err(ConfigError::OutOfRange {
                 setting: "--tunnel-socket-buffer",
                 why: format!(
-                    "{} is below the minimum of {MIN_TUNNEL_SOCKET_BUFFER}",
+                    "{} is outside {MIN_TUNNEL_SOCKET_BUFFER}–{MAX_TUNNEL_SOCKET_BUFFER}",
                     self.tunnel_socket_buffer
                 ),
             });

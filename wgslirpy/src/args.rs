@@ -981,15 +981,17 @@ mod tests {
     }
 
     #[test]
-    fn tunnel_socket_buffer_parses_and_a_tiny_one_is_refused() {
+    fn tunnel_socket_buffer_parses_and_out_of_range_is_refused() {
         let base = ["-k", PRIVATE, "-K", PEER, "-b", "127.0.0.1:1"];
         let mut args = base.to_vec();
         args.extend(["--tunnel-socket-buffer", "1048576"]);
         assert_eq!(parse(&args).unwrap().tunnel_socket_buffer, 1 << 20);
-        let mut tiny = base.to_vec();
-        tiny.extend(["--tunnel-socket-buffer", "100"]);
-        let error = parse(&tiny).unwrap_err().to_string();
-        assert!(error.starts_with("--tunnel-socket-buffer"), "{error}");
+        for size in ["100", "3000000000"] {
+            let mut args = base.to_vec();
+            args.extend(["--tunnel-socket-buffer", size]);
+            let error = parse(&args).unwrap_err().to_string();
+            assert!(error.starts_with("--tunnel-socket-buffer"), "{error}");
+        }
     }
     #[test]
     fn dns_settings() {
