@@ -20,11 +20,11 @@ serving the same kind of wireguard-go peer. Both topologies are up at once. It m
      machine's drift during the run weighs on both alike):
      short TCP connections (connect, one request, one reply, close), median and p99;
      UDP echo round trips, p50 and p99; ICMP echo round trips, p50;
-  3. per gateway, one busy at a time: iperf3 TCP throughput, peer -> internet and
-     internet -> peer (-R), 1 and 4 streams, with the gateway process's CPU-seconds
-     (utime + stime) per GB received, and its busiest thread's (with several threads, the
-     one that limits throughput); then 200 concurrent connections each echoing 1 MB, all
-     byte-exact.
+  3. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
+     in rounds that alternate between the gateways too (one busy at a time), with the
+     gateway process's CPU-seconds (utime + stime) per GB received, and its busiest
+     thread's (with several threads, the one that limits throughput);
+  4. per gateway: 200 concurrent connections each echoing 1 MB, all byte-exact.
 `--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, iperf,
 echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
 baseline) and writes it to bench/results/. Network rule: every packet stays inside the
@@ -625,57 +625,99 @@ def measure_latency(topos, results, args, log):
                 % (kind, res["icmp_p50"], res["icmp_received"]))
 
 
-def measure_iperf(topo, seconds, res, log):
+THROUGHPUT_ROWS = (("up1", False, 1), ("up4", False, 4), ("down1", True, 1), ("down4", True, 4))
+THROUGHPUT_ROUNDS = 3
+
+
+def iperf_once(topo, key, reverse, streams, seconds, log):
+    """One iperf3 run through `topo`: throughput and what it cost, as a dict."""
     pid = topo.gateway_pid
-    for reverse in (False, True):
-        for streams in (1, 4):
-            key = "%s%d" % ("down" if reverse else "up", streams)
-            argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
-                    "-P", str(streams)] + (["-R"] if reverse else [])
-            cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
-            threads0 = thread_cpu_seconds(pid)
-            drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
-            perf = None
-            if topo.perf and topo.kind == "ours" and streams == 4:
-                data = os.path.join(topo.log_dir, "perf-%s.data" % key)
-                perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data,
-                                         "-p", str(pid), "--", "sleep", str(seconds)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            out = topo.sh(*argv, ns="peer", timeout=seconds + 30)
-            if perf:
-                perf.wait(30)
-                rep = subprocess.run(["perf", "report", "-i", data, "--no-children",
-                                      "--sort", "dso,symbol", "--stdio", "-g", "none",
-                                      "--percent-limit", "1"],
-                                     capture_output=True, text=True).stdout
-                top = [re.sub(r"[\s-]+$", "", l) for l in rep.splitlines()
-                       if l.strip() and not l.startswith("#")]
-                dso = subprocess.run(["perf", "report", "-i", data, "--no-children",
-                                      "--sort", "dso", "--stdio", "-g", "none"],
-                                     capture_output=True, text=True).stdout
-                top = [re.sub(r"[\s-]+$", "", l) for l in dso.splitlines()
-                       if l.strip() and not l.startswith("#")][:5] + [""] + top
-                res["perf_top_" + key] = top[:30]
-                log("  perf, gateway during %s (self time, >= 1%%):\n    %s"
-                    % (key, "\n    ".join(top[:30])))
-            cpu1, peer1 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
-            busiest = busiest_thread_delta(threads0, thread_cpu_seconds(pid))
-            j = json.loads(out)
-            received = j["end"]["sum_received"]
-            gb = received["bytes"] / 1e9
-            res[key + "_gbps"] = received["bits_per_second"] / 1e9
-            res[key + "_cpu_per_gb"] = (cpu1 - cpu0) / gb if gb else float("nan")
-            res[key + "_peer_cpu_per_gb"] = (peer1 - peer0) / gb if gb else float("nan")
-            res[key + "_busiest_thread_cpu_per_gb"] = busiest / gb if gb else float("nan")
-            res[key + "_retransmits"] = j["end"].get("sum_sent", {}).get("retransmits")
-            res[key + "_tunnel_drops"] = udp_receive_drops(topo, "gw") - drops0[0]
-            res[key + "_peer_drops"] = udp_receive_drops(topo, "peer") - drops0[1]
-            log("  iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
-                "retransmits %s, tunnel socket drops %d (peer's %d)"
-                % (key, res[key + "_gbps"], res[key + "_cpu_per_gb"],
-                   res[key + "_peer_cpu_per_gb"], res[key + "_retransmits"],
-                   res[key + "_tunnel_drops"], res[key + "_peer_drops"]))
-            time.sleep(0.5)
+    argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+            "-P", str(streams)] + (["-R"] if reverse else [])
+    cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+    threads0 = thread_cpu_seconds(pid)
+    drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
+    perf = None
+    if topo.perf and topo.kind == "ours" and streams == 4:
+        data = os.path.join(topo.log_dir, "perf-%s.data" % key)
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data,
+                                 "-p", str(pid), "--", "sleep", str(seconds)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = topo.sh(*argv, ns="peer", timeout=seconds + 30)
+    run = {}
+    if perf:
+        perf.wait(30)
+        run["perf_top"] = perf_top(data)
+        log("  perf, gateway during %s (self time, >= 1%%):\n    %s"
+            % (key, "\n    ".join(run["perf_top"])))
+    cpu1, peer1 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
+    received = json.loads(out)["end"]
+    run.update(
+        gb=received["sum_received"]["bytes"] / 1e9,
+        gbps=received["sum_received"]["bits_per_second"] / 1e9,
+        cpu=cpu1 - cpu0,
+        peer_cpu=peer1 - peer0,
+        busiest=busiest_thread_delta(threads0, thread_cpu_seconds(pid)),
+        retransmits=received.get("sum_sent", {}).get("retransmits") or 0,
+        tunnel_drops=udp_receive_drops(topo, "gw") - drops0[0],
+        peer_drops=udp_receive_drops(topo, "peer") - drops0[1])
+    log("  %s iperf3 %s: %.3f Gbit/s, gateway %.2f CPU-s/GB (peer wireguard-go %.2f), "
+        "retransmits %d, tunnel socket drops %d (peer's %d)"
+        % (topo.kind, key, run["gbps"], per_gb(run["cpu"], run["gb"]),
+           per_gb(run["peer_cpu"], run["gb"]), run["retransmits"], run["tunnel_drops"],
+           run["peer_drops"]))
+    time.sleep(0.5)
+    return run
+
+
+def per_gb(seconds, gb):
+    return seconds / gb if gb else float("nan")
+
+
+def perf_top(data):
+    """The top of a `perf record` profile: self time by object, then by symbol (>= 1%)."""
+    def report(*sort):
+        out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort",
+                              ",".join(sort), "--stdio", "-g", "none", "--percent-limit", "1"],
+                             capture_output=True, text=True).stdout
+        return [re.sub(r"[\s-]+$", "", l) for l in out.splitlines()
+                if l.strip() and not l.startswith("#")]
+    return (report("dso")[:5] + [""] + report("dso", "symbol"))[:30]
+
+
+def measure_throughput(topos, results, args, log):
+    """iperf3 through every gateway, each row in THROUGHPUT_ROUNDS rounds that alternate
+    between the gateways, one gateway busy at a time. Throughput is each row's median
+    round; CPU per GB is the CPU of all its rounds over all their bytes (and the busiest
+    thread's, summed the same way), so that the machine's drift during the run weighs on
+    both gateways alike, as in measure_latency."""
+    runs = {kind: {key: [] for key, _, _ in THROUGHPUT_ROWS} for kind in topos}
+    for r in range(THROUGHPUT_ROUNDS):
+        order = list(topos) if r % 2 == 0 else list(reversed(list(topos)))
+        for key, reverse, streams in THROUGHPUT_ROWS:
+            for kind in order:
+                topo = topos[kind]
+                topo.perf = args.perf and r == 0
+                runs[kind][key].append(
+                    iperf_once(topo, key, reverse, streams, args.seconds, log))
+        log("  throughput round %d of %d done" % (r + 1, THROUGHPUT_ROUNDS))
+    for kind, rows in runs.items():
+        res = results[kind]
+        for key, got in rows.items():
+            gb = sum(run["gb"] for run in got)
+            res[key + "_gbps"] = statistics.median(run["gbps"] for run in got)
+            res[key + "_gbps_rounds"] = [round(run["gbps"], 3) for run in got]
+            res[key + "_cpu_per_gb"] = per_gb(sum(run["cpu"] for run in got), gb)
+            res[key + "_peer_cpu_per_gb"] = per_gb(sum(run["peer_cpu"] for run in got), gb)
+            res[key + "_busiest_thread_cpu_per_gb"] = per_gb(
+                sum(run["busiest"] for run in got), gb)
+            for total in ("retransmits", "tunnel_drops", "peer_drops"):
+                res[key + "_" + total] = sum(run[total] for run in got)
+            if got[0].get("perf_top"):
+                res["perf_top_" + key] = got[0]["perf_top"]
+            log("  %s %s: median %.3f Gbit/s (rounds %s), %.2f CPU-s/GB"
+                % (kind, key, res[key + "_gbps"], res[key + "_gbps_rounds"],
+                   res[key + "_cpu_per_gb"]))
 
 
 def measure_echo(topo, conns, res, log):
@@ -692,8 +734,8 @@ def measure_echo(topo, conns, res, log):
 
 def run_all(kinds, args, log_dir, log):
     """Brings up a topology for each gateway in `kinds`, all at once, and measures them:
-    each gateway's idle connections, then the latencies in interleaved rounds, then each
-    gateway's throughput and echoes (one gateway busy at a time). Returns the results by
+    each gateway's idle connections, then the latencies and the throughput in interleaved
+    rounds, then each gateway's echoes (one gateway busy at a time). Returns the results by
     kind."""
     topos, results = {}, {}
     try:
@@ -710,11 +752,12 @@ def run_all(kinds, args, log_dir, log):
                 measure_idle(topo, args.idle, results[kind], log)
         log("== latency, both gateways in turn ==")
         measure_latency(topos, results, args, log)
+        if "iperf" in args.measure:
+            log("== throughput, both gateways in turn ==")
+            measure_throughput(topos, results, args, log)
         for kind, topo in topos.items():
             log("== %s ==" % NAMES[kind])
             res = results[kind]
-            if "iperf" in args.measure:
-                measure_iperf(topo, args.seconds, res, log)
             if "echo" in args.measure:
                 measure_echo(topo, args.echoes, res, log)
             res["rss_end"] = rss_bytes(topo.gateway_pid)
@@ -765,7 +808,10 @@ def report(ours, base, args, started):
         "Ratios are ours / baseline. Targets: issue 8 (and issue 3 for the short connection "
         "median and RSS per idle connection). The latency rows come from %d rounds that "
         "alternate between the two gateways; each round's short-connection median is in the "
-        "raw results (`short_round_p50`)." % LATENCY_ROUNDS,
+        "raw results (`short_round_p50`). So do the throughput rows, from %d rounds of each "
+        "iperf3 run: throughput is the median round (every round in `*_gbps_rounds`), CPU "
+        "per GB all rounds' CPU over all their bytes, and the retransmits and drops are "
+        "summed over the rounds." % (LATENCY_ROUNDS, THROUGHPUT_ROUNDS),
         "",
         "| measure | wgslirpy | baseline | ratio | target |",
         "|---|---|---|---|---|",
