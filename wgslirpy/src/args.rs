@@ -993,6 +993,7 @@ mod tests {
             assert!(error.starts_with("--tunnel-socket-buffer"), "{error}");
         }
     }
+
     #[test]
     fn dns_settings() {
         let base = [

@@ -217,7 +217,7 @@ fn concurrent_1mb_echoes_all_complete() {
     let out = tool(
         &rig,
         &rig.peer,
-        // Limits against a hang only: a debug build on 2 busy cores takes 25–40 s.
+        // Limits against a hang only: a debug build on 2 busy cores takes 25–45 s.
         &["echo", &ip, &port, "1048576", "200", "120"],
         Duration::from_secs(150),
     );
