@@ -347,8 +347,24 @@ impl Router {
     ///
     /// The packet belongs to the peer whose allowed IPs hold its source
     /// address (the transport has checked that the sender may use it); a
-    /// source that no peer holds is dropped and counted.
+    /// source that no peer holds is dropped and counted. Payloads passed on
+    /// to host sockets are copied out of `packet`; see
+    /// [`Router::handle_owned_packet`] for the way without copies.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) {
+        self.receive(now, packet, None);
+    }
+
+    /// [`Router::handle_packet`] for a packet handed over: the TCP and UDP
+    /// payloads passed on to host sockets ([`SocketAction::TcpWrite`],
+    /// [`SocketAction::UdpSend`]) are views of it, not copies. The driver
+    /// uses this one.
+    pub fn handle_owned_packet(&mut self, now: Instant, packet: Bytes) {
+        self.receive(now, &packet, Some(&packet));
+    }
+
+    /// A packet from a peer; `owned` is the same bytes when the router may
+    /// keep views of them.
+    fn receive(&mut self, now: Instant, packet: &[u8], owned: Option<&Bytes>) {
         self.now = Some(now);
         self.stats.packets_in += 1;
         // A packet too short for a source address goes on to be dropped as
@@ -367,13 +383,13 @@ impl Router {
             }
         }
         let reassembled;
-        let packet = match self.reassembler.handle(now, packet) {
-            fragment::Reassembly::NotFragment => packet,
+        let (packet, owned) = match self.reassembler.handle(now, packet) {
+            fragment::Reassembly::NotFragment => (packet, owned),
             fragment::Reassembly::Pending => return,
             fragment::Reassembly::Complete(whole) => {
                 self.stats.datagrams_reassembled += 1;
                 reassembled = whole;
-                &reassembled[..]
+                (&reassembled[..], None)
             }
             fragment::Reassembly::Dropped => {
                 tracing::trace!(len = packet.len(), "dropped fragment from peer");
@@ -417,7 +433,7 @@ impl Router {
                     self.actions.push_back(SocketAction::ForwardUdpSend {
                         forward: reply.forward,
                         to: reply.to,
-                        payload: Bytes::copy_from_slice(payload),
+                        payload: packet::share(owned, payload),
                     });
                 } else if self.permits(packet, dst.ip(), Some(dst.port())) {
                     let dst = SocketAddr::new(self.policy.map_destination(dst.ip()), dst.port());
@@ -426,13 +442,18 @@ impl Router {
                         owner,
                         src,
                         dst,
-                        payload,
+                        packet::share(owned, payload),
                         &mut self.actions,
                         &mut self.stats,
                     )
                 }
             }
-            Parsed::Tcp { src, dst, segment } => {
+            Parsed::Tcp {
+                src,
+                dst,
+                mut segment,
+            } => {
+                segment.packet = owned;
                 // Only a SYN can open a connection, so only a SYN asks the
                 // policy; the DNS server's own address is always open.
                 let to_dns = self.dns.as_ref().is_some_and(|dns| dns.addr() == dst);

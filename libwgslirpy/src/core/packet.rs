@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
@@ -90,6 +90,9 @@ pub struct TcpSegment<'a> {
     pub mss: Option<u16>,
     /// Payload.
     pub payload: &'a [u8],
+    /// The received packet the payload lies in, when the router owns it:
+    /// bytes kept from the payload are then views of it ([`share`]).
+    pub packet: Option<&'a Bytes>,
 }
 
 impl TcpSegment<'_> {
@@ -98,6 +101,30 @@ impl TcpSegment<'_> {
         // A payload never exceeds 65535 bytes: it came from (or goes into) one IP packet.
         self.payload.len() as u32 + u32::from(self.syn) + u32::from(self.fin)
     }
+}
+
+/// Parts of a received packet smaller than this are copied by [`share`]: a
+/// view keeps the whole packet, headers included, alive while it waits, which
+/// for a few bytes (a peer sending tiny segments) would cost more than a copy.
+pub const MIN_SHARED: usize = 512;
+
+/// `part`, bytes of a received packet, as owned [`Bytes`]: a view of
+/// `packet` when `part` lies within it and is at least [`MIN_SHARED`] bytes
+/// (no copy, no allocation of its size), else a copy.
+pub fn share(packet: Option<&Bytes>, part: &[u8]) -> Bytes {
+    if let Some(packet) = packet
+        && part.len() >= MIN_SHARED
+    {
+        // Outside `packet`, `start` wraps to a huge offset and fails the check.
+        let start = (part.as_ptr() as usize).wrapping_sub(packet.as_ptr() as usize);
+        if start
+            .checked_add(part.len())
+            .is_some_and(|end| end <= packet.len())
+        {
+            return packet.slice(start..start + part.len());
+        }
+    }
+    Bytes::copy_from_slice(part)
 }
 
 /// Why a packet was dropped at parsing.
@@ -238,6 +265,7 @@ fn parse_tcp(src: IpAddr, dst: IpAddr, bytes: &[u8]) -> Result<Parsed<'_>, Drop>
         wscale: repr.window_scale,
         mss: repr.max_seg_size,
         payload: repr.payload,
+        packet: None,
     };
     Ok(Parsed::Tcp {
         src: SocketAddr::new(src, repr.src_port),
@@ -585,6 +613,26 @@ mod tests {
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn share_views_large_parts_of_the_packet_and_copies_the_rest() {
+        let packet = Bytes::from(vec![7u8; 2000]);
+        let inside = &packet[100..100 + MIN_SHARED];
+        let viewed = share(Some(&packet), inside);
+        assert_eq!(viewed.as_ptr(), inside.as_ptr());
+        assert_eq!(viewed, inside);
+        for (from, part) in [
+            (Some(&packet), &packet[100..100 + MIN_SHARED - 1]),
+            (None, inside),
+            (Some(&Bytes::from(vec![0u8; 2000])), inside),
+        ] {
+            let copied = share(from, part);
+            assert_ne!(copied.as_ptr(), part.as_ptr());
+            assert_eq!(copied, part);
+        }
+        let elsewhere = vec![7u8; MIN_SHARED];
+        assert_eq!(share(Some(&packet), &elsewhere), elsewhere);
     }
 
     #[test]

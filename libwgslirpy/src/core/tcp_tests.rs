@@ -75,9 +75,10 @@ impl Harness {
         }
     }
 
+    /// Hands the router the packet, as the driver does.
     fn send(&mut self, segment: TcpSegment<'_>) {
         let packet = packet::build_tcp(self.peer, self.remote, &segment).unwrap();
-        self.router.handle_packet(self.now, &packet);
+        self.router.handle_owned_packet(self.now, packet.freeze());
     }
 
     /// Sends `data` (and FIN) at the peer's next sequence number, acking.
@@ -390,6 +391,41 @@ fn peer_data_reaches_the_host_byte_exact_and_is_acked() {
     assert_eq!(segs[0].ack, Some(PEER_ISN + 1 + 5000));
     assert_eq!(segs[0].seq, first);
     assert_eq!(segs[0].window, 65535 - 5000);
+}
+
+/// What the host socket gets of a handed-over packet is a view of it, not a
+/// copy, unless it is too small to be worth keeping the packet for.
+#[test]
+fn peer_payloads_reach_the_host_as_views_of_the_packet() {
+    let mut h = Harness::new(&config());
+    h.establish();
+    for (len, viewed) in [(1380, true), (packet::MIN_SHARED - 1, false)] {
+        let data = pattern(len);
+        let segment = TcpSegment {
+            seq: h.seq,
+            ack: Some(h.ack),
+            window: h.window,
+            payload: &data,
+            ..TcpSegment::default()
+        };
+        let packet = packet::build_tcp(h.peer, h.remote, &segment)
+            .unwrap()
+            .freeze();
+        let range = packet.as_ptr_range();
+        h.router.handle_owned_packet(h.now, packet);
+        h.seq = h.seq.wrapping_add(len as u32);
+        let written: Vec<_> = h
+            .actions()
+            .into_iter()
+            .filter_map(|action| match action {
+                SocketAction::TcpWrite { data, .. } => Some(data),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0], data);
+        assert_eq!(range.contains(&written[0].as_ptr()), viewed, "{len} bytes");
+    }
 }
 
 #[test]

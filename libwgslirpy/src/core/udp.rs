@@ -54,7 +54,7 @@ impl UdpNat {
         owner: PeerId,
         src: SocketAddr,
         dst: SocketAddr,
-        payload: &[u8],
+        payload: Bytes,
         actions: &mut VecDeque<SocketAction>,
         stats: &mut Stats,
     ) {
@@ -88,7 +88,7 @@ impl UdpNat {
         actions.push_back(SocketAction::UdpSend {
             flow,
             dest: dst,
-            payload: Bytes::copy_from_slice(payload),
+            payload,
         });
     }
 

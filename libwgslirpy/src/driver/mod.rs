@@ -419,10 +419,10 @@ impl Driver {
                 packet = self.tunnel.incoming.recv() => {
                     let packet = packet.ok_or(RunError::TunnelClosed)?;
                     let now = Instant::now();
-                    self.router.handle_packet(now, &packet);
+                    self.router.handle_owned_packet(now, packet.freeze());
                     for _ in 1..TUNNEL_BATCH {
                         let Ok(packet) = self.tunnel.incoming.try_recv() else { break };
-                        self.router.handle_packet(now, &packet);
+                        self.router.handle_owned_packet(now, packet.freeze());
                     }
                     // Host events get their turn even when the tunnel is busy.
                     self.drain_events(EVENT_BATCH)?;

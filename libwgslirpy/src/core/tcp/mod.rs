@@ -46,7 +46,8 @@
 //!   replaces it at once.
 //!
 //! **Peer to host.** In-order bytes within our window are acknowledged and
-//! handed to the driver at once ([`SocketAction::TcpWrite`]); the driver
+//! handed to the driver at once ([`SocketAction::TcpWrite`]), as views of
+//! the received packet when the router owns it ([`packet::share`]); the driver
 //! reports what the socket took (`handle_tcp_written`). Our window is
 //! `--tcp-buffer-size` minus the bytes not yet written, so a slow host
 //! reader closes the peer's window: bounded memory, and the peer's own

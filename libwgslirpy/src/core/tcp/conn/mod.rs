@@ -791,12 +791,12 @@ impl Conn {
             }
         }
         if offset > 0 {
-            self.store_ooo(seq, data, fin, ctx);
+            self.store_ooo(seq, packet::share(seg.packet, data), fin, ctx);
             self.owe_ack(ctx);
             return;
         }
         if !data.is_empty() {
-            self.deliver(data, ctx);
+            self.deliver(packet::share(seg.packet, data), ctx);
         }
         if fin {
             self.ooo_fin = Some(self.rcv_nxt);
@@ -809,16 +809,16 @@ impl Conn {
         self.wake(ctx);
     }
 
-    fn deliver(&mut self, data: &[u8], ctx: &mut Ctx<'_>) {
+    fn deliver(&mut self, data: Bytes, ctx: &mut Ctx<'_>) {
         self.rcv_nxt = self.rcv_nxt.wrapping_add(data.len() as u32);
         self.unwritten += data.len();
         ctx.action(SocketAction::TcpWrite {
             flow: ctx.flow,
-            data: Bytes::copy_from_slice(data),
+            data,
         });
     }
 
-    fn store_ooo(&mut self, seq: u32, data: &[u8], fin: bool, ctx: &mut Ctx<'_>) {
+    fn store_ooo(&mut self, seq: u32, data: Bytes, fin: bool, ctx: &mut Ctx<'_>) {
         if fin {
             self.ooo_fin = Some(seq.wrapping_add(data.len() as u32));
         }
@@ -834,7 +834,7 @@ impl Conn {
             ctx.stats.tcp_segments_dropped += 1;
             return;
         }
-        self.ooo.push((seq, Bytes::copy_from_slice(data)));
+        self.ooo.push((seq, data));
     }
 
     /// Delivers the out-of-order segments that the last delivery made
@@ -844,7 +844,7 @@ impl Conn {
             let (seq, data) = self.ooo.swap_remove(i);
             let skip = dist(seq, self.rcv_nxt) as usize;
             if skip < data.len() {
-                self.deliver(&data[skip..], ctx);
+                self.deliver(data.slice(skip..), ctx);
             }
         }
         if self.ooo.is_empty() && self.ooo.capacity() > 0 {
