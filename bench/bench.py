@@ -488,6 +488,19 @@ def thread_cpu_seconds(pid):
     return out
 
 
+def context_switches(pid):
+    """Context switches of every thread of `pid` so far, voluntary (a thread went to sleep:
+    each is a wake-up later) and not: a measure of how much work each wake-up carries."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                total += sum(int(l.split()[1]) for l in f if "ctxt_switches" in l)
+        except OSError:
+            pass  # the thread ended meanwhile
+    return total
+
+
 def busiest_thread_delta(before, after):
     """The largest CPU-seconds one thread spent between two thread_cpu_seconds."""
     return max((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), default=0.0)
@@ -636,6 +649,7 @@ def iperf_once(topo, key, reverse, streams, seconds, log):
             "-P", str(streams)] + (["-R"] if reverse else [])
     cpu0, peer0 = cpu_seconds(pid), cpu_seconds(topo.peer_wg_pid)
     threads0 = thread_cpu_seconds(pid)
+    switches0 = context_switches(pid)
     drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
     perf = None
     if topo.perf and topo.kind == "ours" and streams == 4:
@@ -658,6 +672,7 @@ def iperf_once(topo, key, reverse, streams, seconds, log):
         cpu=cpu1 - cpu0,
         peer_cpu=peer1 - peer0,
         busiest=busiest_thread_delta(threads0, thread_cpu_seconds(pid)),
+        switches=context_switches(pid) - switches0,
         retransmits=received.get("sum_sent", {}).get("retransmits") or 0,
         tunnel_drops=udp_receive_drops(topo, "gw") - drops0[0],
         peer_drops=udp_receive_drops(topo, "peer") - drops0[1])
@@ -711,6 +726,8 @@ def measure_throughput(topos, results, args, log):
             res[key + "_peer_cpu_per_gb"] = per_gb(sum(run["peer_cpu"] for run in got), gb)
             res[key + "_busiest_thread_cpu_per_gb"] = per_gb(
                 sum(run["busiest"] for run in got), gb)
+            # Per MB: about 700 full-size packets.
+            res[key + "_switches_per_mb"] = per_gb(sum(run["switches"] for run in got), gb) / 1e3
             for total in ("retransmits", "tunnel_drops", "peer_drops"):
                 res[key + "_" + total] = sum(run[total] for run in got)
             if got[0].get("perf_top"):
@@ -837,6 +854,9 @@ def report(ours, base, args, started):
                       ("down4", "internet → peer, 4 streams")):
         row("busiest gateway thread, CPU-s per GB, %s" % name,
             key + "_busiest_thread_cpu_per_gb", ".2f")
+    for key, name in (("up4", "peer → internet, 4 streams"),
+                      ("down4", "internet → peer, 4 streams")):
+        row("gateway context switches per MB, %s" % name, key + "_switches_per_mb", ".1f")
     row("short TCP connection, median (ms)", "short_p50", ".3f", "ratio ≤ 0.8 (issue 3: ≤ 1.0)")
     row("short TCP connection, p99 (ms)", "short_p99", ".3f")
     row("UDP echo RTT, p50 (µs)", "udp_p50", ".0f", "ratio ≤ 0.8")
