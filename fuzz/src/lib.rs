@@ -204,14 +204,16 @@ pub fn router_sequence(data: &[u8]) {
                 let Some(packet) = input.packet() else { break };
                 router.handle_packet(now, packet);
             }
+            // Built packets are handed over, as the driver does, so that
+            // payloads kept for sockets are views of them.
             1 => {
                 if let Some(packet) = input.tcp_packet() {
-                    router.handle_packet(now, &packet);
+                    router.handle_owned_packet(now, packet.freeze());
                 }
             }
             2 => {
                 if let Some(packet) = input.udp_or_echo_packet() {
-                    router.handle_packet(now, &packet);
+                    router.handle_owned_packet(now, packet.freeze());
                 }
             }
             3 => {
@@ -353,6 +355,7 @@ impl<'a> Input<'a> {
             wscale: (flags & 16 != 0).then_some(flags >> 5),
             mss: (flags & 32 != 0).then_some(window),
             payload,
+            packet: None,
         };
         packet::build_tcp(from, to, &segment)
     }
