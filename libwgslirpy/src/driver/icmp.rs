@@ -189,13 +189,12 @@ fn service_one(
 ) -> bool {
     let waker = echo.waker.rearm();
     let mut cx = Context::from_waker(&waker);
-    let max = MAX_MESSAGES.min(*budget);
-    read_until_blocked(&echo.socket, &mut cx, max, |socket| {
-        let received = recv_message(socket, buf);
-        if received.is_ok() {
-            *budget -= 1;
-        }
-        match received {
+    read_until_blocked(
+        &echo.socket,
+        &mut cx,
+        MAX_MESSAGES,
+        budget,
+        |socket| match recv_message(socket, buf) {
             Ok((len, from)) => {
                 if let Some((seq_no, payload)) = parse_reply(&buf[..len], echo.kind, echo.ipv6) {
                     let from = from.ip();
@@ -208,12 +207,15 @@ fn service_one(
                         },
                     );
                 }
+                Ok(true)
             }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
-            Err(error) => tracing::debug!(flow = flow.0, %error, "ICMP receive error"),
-        }
-        Ok(())
-    })
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Err(error),
+            Err(error) => {
+                tracing::debug!(flow = flow.0, %error, "ICMP receive error");
+                Ok(false)
+            }
+        },
+    )
 }
 
 /// A ping socket if allowed, else a raw socket (with identifier 0, for the

@@ -514,7 +514,7 @@ impl Driver {
                 // Still listening, so that new SYNs get RST and late socket
                 // events are dealt with.
                 Some(packet) = self.tunnel.incoming.recv() => {
-                    self.router.handle_packet(Instant::now(), &packet);
+                    self.router.handle_owned_packet(Instant::now(), packet.freeze());
                 }
                 Some(event) = self.events.recv() => self.handle_event(event),
                 Some(request) = self.control.recv() => self.handle_request(request),

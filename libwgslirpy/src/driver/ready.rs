@@ -163,15 +163,21 @@ impl DueFlows {
 
 /// Calls `read` on `socket` until it reports `WouldBlock`, which clears the
 /// socket's readiness and registers `cx` for the next, or until it was
-/// called `budget` times. `read` handles every other outcome itself.
-/// Returns false if the budget ran out, with more perhaps waiting.
+/// called `calls` times, or until `budget` (shared by the caller's sockets)
+/// is spent. `read` handles every other outcome itself, and returns
+/// `Ok(true)` for a message read, which takes one from `budget`. Returns
+/// false if a bound stopped it, with more perhaps waiting.
 pub(super) fn read_until_blocked<T: AsRawFd>(
     socket: &AsyncFd<T>,
     cx: &mut Context<'_>,
-    budget: usize,
-    mut read: impl FnMut(&T) -> io::Result<()>,
+    calls: usize,
+    budget: &mut usize,
+    mut read: impl FnMut(&T) -> io::Result<bool>,
 ) -> bool {
-    for _ in 0..budget {
+    for _ in 0..calls {
+        if *budget == 0 {
+            return false;
+        }
         let mut guard = match socket.poll_read_ready(cx) {
             Poll::Pending => return true,
             Poll::Ready(Ok(guard)) => guard,
@@ -179,7 +185,9 @@ pub(super) fn read_until_blocked<T: AsRawFd>(
             Poll::Ready(Err(_)) => return true,
         };
         // `Err` is `WouldBlock`, with the readiness now cleared.
-        let _ = guard.try_io(|socket| read(socket.get_ref()));
+        if let Ok(Ok(true)) = guard.try_io(|socket| read(socket.get_ref())) {
+            *budget -= 1;
+        }
     }
     false
 }

@@ -144,31 +144,29 @@ fn service_one(
 ) -> bool {
     let waker = f.waker.rearm();
     let mut cx = Context::from_waker(&waker);
-    let max = MAX_DATAGRAMS.min(*budget);
-    read_until_blocked(&f.socket, &mut cx, max, |socket| {
+    read_until_blocked(&f.socket, &mut cx, MAX_DATAGRAMS, budget, |socket| {
         // The buffer holds the largest datagram, so none is cut short.
-        let received = socket.recv_from(buf);
-        if received.is_ok() {
-            *budget -= 1;
-        }
-        match received {
-            Ok((n, from)) => report(
-                flow,
-                UdpEvent::Datagram {
-                    from,
-                    payload: &buf[..n],
-                },
-            ),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Err(error),
+        match socket.recv_from(buf) {
+            Ok((n, from)) => {
+                report(
+                    flow,
+                    UdpEvent::Datagram {
+                        from,
+                        payload: &buf[..n],
+                    },
+                );
+                Ok(true)
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Err(error),
             // The error of a queued ICMP error.
             Err(error) => {
                 tracing::trace!(flow = flow.0, %error, "UDP receive error");
                 for (dest, why) in read_error_queue(socket) {
                     report(flow, UdpEvent::Unreachable { dest, why });
                 }
+                Ok(false)
             }
         }
-        Ok(())
     })
 }
 
