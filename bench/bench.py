@@ -308,7 +308,6 @@ class Topology:
         self.log_dir = log_dir
         self.gateway_pid = None
         self.peer_wg_pid = None
-        self.perf = False
 
     # -- helpers --
     def sh(self, *argv, ns=None, check=True, timeout=30, input=None):
@@ -642,8 +641,9 @@ THROUGHPUT_ROWS = (("up1", False, 1), ("up4", False, 4), ("down1", True, 1), ("d
 THROUGHPUT_ROUNDS = 3
 
 
-def iperf_once(topo, key, reverse, streams, seconds, log):
-    """One iperf3 run through `topo`: throughput and what it cost, as a dict."""
+def iperf_once(topo, key, reverse, streams, seconds, profile, log):
+    """One iperf3 run through `topo`: throughput and what it cost, as a dict. With
+    `profile`, a 4-stream run of ours is recorded with `perf` too."""
     pid = topo.gateway_pid
     argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
             "-P", str(streams)] + (["-R"] if reverse else [])
@@ -652,7 +652,7 @@ def iperf_once(topo, key, reverse, streams, seconds, log):
     switches0 = context_switches(pid)
     drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
     perf = None
-    if topo.perf and topo.kind == "ours" and streams == 4:
+    if profile and topo.kind == "ours" and streams == 4:
         data = os.path.join(topo.log_dir, "perf-%s.data" % key)
         perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", data,
                                  "-p", str(pid), "--", "sleep", str(seconds)],
@@ -711,10 +711,8 @@ def measure_throughput(topos, results, args, log):
         order = list(topos) if r % 2 == 0 else list(reversed(list(topos)))
         for key, reverse, streams in THROUGHPUT_ROWS:
             for kind in order:
-                topo = topos[kind]
-                topo.perf = args.perf and r == 0
-                runs[kind][key].append(
-                    iperf_once(topo, key, reverse, streams, args.seconds, log))
+                runs[kind][key].append(iperf_once(topos[kind], key, reverse, streams,
+                                                  args.seconds, args.perf and r == 0, log))
         log("  throughput round %d of %d done" % (r + 1, THROUGHPUT_ROUNDS))
     for kind, rows in runs.items():
         res = results[kind]
@@ -758,7 +756,6 @@ def run_all(kinds, args, log_dir, log):
     try:
         for kind in kinds:
             topo = Topology(kind, args.binary, args.gateway_arg, log_dir)
-            topo.perf = args.perf
             topos[kind] = topo
             results[kind] = {"kind": kind}
             topo.up()
