@@ -250,6 +250,11 @@ pub struct Config {
     /// Serve Prometheus metrics and a health check over HTTP at this
     /// address (`--metrics`); see [`crate::metrics`].
     pub metrics: Option<SocketAddr>,
+    /// Routers that the flows are spread over, each on a task of its own
+    /// with its own host sockets, so that they run on several threads at
+    /// once ([`crate::core::shard`]); 0 counts as 1. The CLI sets it to its
+    /// worker thread count (`--threads`).
+    pub shards: usize,
 }
 
 /// Smallest tunnel MTU accepted: IPv6's minimum link MTU.
@@ -294,6 +299,7 @@ impl Config {
             reassembly_timeout: Duration::from_secs(30),
             uapi_socket: None,
             metrics: None,
+            shards: 1,
         }
     }
 

@@ -291,8 +291,9 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Worker threads: WireGuard encryption and decryption run in parallel on them, beside
-    /// the router. 1 runs everything on one thread. Default: the number of available cores.
+    /// Worker threads, and router shards: flows are spread over that many routers, which run
+    /// in parallel on the threads, as do WireGuard encryption and decryption. 1 runs
+    /// everything on one thread. Default: the number of available cores.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
@@ -341,9 +342,17 @@ impl GatewayArgs {
         if let Some(file) = &file {
             file.settings.apply(&mut config);
         }
+        config.shards = self.worker_threads();
         self.apply_flags(&mut config);
         config.validate()?;
         Ok(config)
+    }
+
+    /// The worker thread count: `--threads`, else the available cores.
+    pub fn worker_threads(&self) -> usize {
+        self.threads.map(usize::from).unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     /// Sets on `config` the router settings given on the command line. A

@@ -122,9 +122,7 @@ fn print_new_peer(peer: &setup::NewPeer) -> anyhow::Result<()> {
 
 fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let log_format = args.log_format;
-    let threads = args.threads.map(usize::from).unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let threads = args.worker_threads();
     // Kept to re-read the config file on SIGHUP, with the same flags on top.
     let reload = args.config_file().is_some().then(|| args.clone());
     let config = args.into_config()?;

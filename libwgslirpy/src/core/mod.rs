@@ -62,6 +62,7 @@ pub mod limit;
 pub mod packet;
 pub mod peers;
 pub mod policy;
+pub mod shard;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
@@ -244,6 +245,14 @@ pub struct Router {
     /// [`Router::shut_down`] was called: no new flows.
     shutting_down: bool,
     stats: Stats,
+    /// This router's index among the gateway's shards, and how many there
+    /// are ([`shard`]).
+    shard: usize,
+    shards: shard::Shards,
+    /// Reassembled datagrams that another shard owns, with its index,
+    /// waiting for [`Router::poll_reroute`]; bounded by the transmit
+    /// queue's capacity.
+    rerouted: VecDeque<(usize, BytesMut)>,
 }
 
 impl Router {
@@ -295,7 +304,20 @@ impl Router {
             now: None,
             shutting_down: false,
             stats: Stats::default(),
+            shard: 0,
+            shards: shard::Shards::default(),
+            rerouted: VecDeque::new(),
         }
+    }
+
+    /// Makes this router shard `index` of `shards`: it then hands each
+    /// datagram it reassembles but does not own to that datagram's shard
+    /// ([`Router::poll_reroute`]). Make it with
+    /// [`Shards::config_for_each`](shard::Shards::config_for_each).
+    pub fn in_shard(mut self, index: usize, shards: shard::Shards) -> Self {
+        self.shard = index;
+        self.shards = shards;
+        self
     }
 
     /// Whether [`Router::shut_down`] has been called.
@@ -370,6 +392,7 @@ impl Router {
         // A packet too short for a source address goes on to be dropped as
         // malformed.
         let mut owner = None;
+        let mut peer_index = None;
         if let Some(src) = peers::source_of(packet) {
             let Some(index) = self.peers.lookup(src) else {
                 tracing::trace!(%src, "dropped packet from an address of no peer");
@@ -380,6 +403,7 @@ impl Router {
                 peer.counters.packets_from += 1;
                 peer.counters.bytes_from += packet.len() as u64;
                 owner = Some(peer.id);
+                peer_index = Some(index);
             }
         }
         let reassembled;
@@ -388,6 +412,11 @@ impl Router {
             fragment::Reassembly::Pending => return,
             fragment::Reassembly::Complete(whole) => {
                 self.stats.datagrams_reassembled += 1;
+                let shard = self.shards.of_packet(&whole);
+                if shard != self.shard {
+                    self.reroute(shard, whole, peer_index);
+                    return;
+                }
                 reassembled = whole;
                 (&reassembled[..], None)
             }
@@ -770,6 +799,37 @@ impl Router {
     /// rest in its sockets' buffers.
     pub fn transmit_room(&self) -> usize {
         self.transmit_capacity.saturating_sub(self.transmit.len())
+    }
+
+    /// A reassembled datagram that another shard owns, with that shard's
+    /// index: hand it to that shard as a packet from the tunnel. Take one
+    /// only when that shard's channel has room; what waits here is bounded,
+    /// and a datagram beyond that is dropped and counted in
+    /// [`Stats::dropped_fragments`].
+    pub fn poll_reroute(&mut self) -> Option<(usize, BytesMut)> {
+        self.rerouted.pop_front()
+    }
+
+    /// Queues `whole`, reassembled here, for `shard`, which counts it as a
+    /// packet from its peer when it arrives; so the count of it here (one
+    /// more packet than its fragments) is taken back, and the totals over
+    /// every shard stay exact.
+    fn reroute(&mut self, shard: usize, whole: BytesMut, peer_index: Option<usize>) {
+        if self.rerouted.len() >= self.transmit_capacity {
+            self.stats.dropped_fragments += 1;
+            return;
+        }
+        self.stats.packets_in = self.stats.packets_in.saturating_sub(1);
+        if let Some(peer) = peer_index.and_then(|index| self.peers.get_mut(index)) {
+            peer.counters.packets_from = peer.counters.packets_from.saturating_sub(1);
+            peer.counters.bytes_from = peer.counters.bytes_from.saturating_sub(whole.len() as u64);
+        }
+        tracing::trace!(
+            shard,
+            len = whole.len(),
+            "reassembled datagram handed to its shard"
+        );
+        self.rerouted.push_back((shard, whole));
     }
 
     /// The next action on a host socket.

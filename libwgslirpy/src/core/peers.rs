@@ -56,6 +56,22 @@ pub struct PeerCounters {
     pub bytes_to: u64,
 }
 
+impl PeerCounters {
+    /// Adds `other`'s counts to these, for the shards of one gateway.
+    pub fn add(&mut self, other: &PeerCounters) {
+        let PeerCounters {
+            packets_from,
+            bytes_from,
+            packets_to,
+            bytes_to,
+        } = *other;
+        self.packets_from += packets_from;
+        self.bytes_from += bytes_from;
+        self.packets_to += packets_to;
+        self.bytes_to += bytes_to;
+    }
+}
+
 /// One peer as the router sees it.
 #[derive(Debug, Clone)]
 pub struct Peer {

@@ -322,6 +322,56 @@ fn udp_reply_over_the_mtu_is_fragmented_and_the_peers_fragments_reassembled() {
 }
 
 #[test]
+fn a_datagram_reassembled_in_another_shard_goes_to_its_own_and_is_counted_once() {
+    let shards = shard::Shards::new(2);
+    let peer = sa("10.0.2.15:5000");
+    let server = sa("198.18.0.1:7");
+    let owner = shards.of_endpoint(peer);
+    let whole = packet::build_udp(peer, server, &[7; 3000]).unwrap();
+    let mut pieces = Vec::new();
+    fragment::fragment(&whole, 1280, 99, |piece| pieces.push(piece));
+    let fragment_bytes: usize = pieces.iter().map(|p| p.len()).sum();
+    let now = Instant::now();
+
+    // Fragments go by their IP identification, so they may land on the
+    // shard that does not own the datagram: it hands the datagram on.
+    let mut other = Router::new(&config()).in_shard(1 - owner, shards);
+    for piece in &pieces {
+        other.handle_packet(now, piece);
+    }
+    assert_eq!(actions(&mut other), vec![]);
+    let (to, rerouted) = other.poll_reroute().expect("handed on");
+    assert_eq!(to, owner);
+    // The same datagram (its IP header is rebuilt by the reassembler).
+    assert!(rerouted[20..] == whole[20..], "not the datagram");
+    assert_eq!(other.poll_reroute(), None);
+
+    let mut own = Router::new(&config()).in_shard(owner, shards);
+    own.handle_owned_packet(now, rerouted.freeze());
+    assert!(matches!(
+        actions(&mut own)[..],
+        [SocketAction::UdpOpen { .. }, SocketAction::UdpSend { .. }]
+    ));
+    // Over both shards, every fragment counted once, as one router would.
+    let mut total = other.stats().clone();
+    total.add(own.stats());
+    assert_eq!(total.packets_in, pieces.len() as u64);
+    let bytes: u64 = [&other, &own]
+        .iter()
+        .map(|r| r.peer_stats()[0].counters.bytes_from)
+        .sum();
+    assert_eq!(bytes, fragment_bytes as u64);
+
+    // The owner keeps what it reassembles.
+    let mut own = Router::new(&config()).in_shard(owner, shards);
+    for piece in &pieces {
+        own.handle_packet(now, piece);
+    }
+    assert_eq!(own.poll_reroute(), None);
+    assert_eq!(actions(&mut own).len(), 2);
+}
+
+#[test]
 fn denied_destinations_get_admin_prohibited_and_open_nothing() {
     let mut router = Router::new(&config());
     router.set_host_addresses(&["198.18.1.1".parse().unwrap()]);

@@ -3,7 +3,8 @@
 //!
 //! - **Resolving** ([`SocketAction::DnsResolve`](crate::core::SocketAction)):
 //!   getaddrinfo blocks, so each lookup runs on tokio's blocking pool, but
-//!   only after taking one of `resolver_threads` semaphore permits, which it
+//!   only after taking one of `resolver_threads` semaphore permits (shared
+//!   by every router shard, [`DnsShared`]), which it
 //!   holds until getaddrinfo returns. Lookups beyond that wait for a permit
 //!   in a small task; the core's cap on queries in flight bounds those tasks.
 //!   A cancelled lookup that has not started never starts; one that has
@@ -47,18 +48,18 @@ const DNS_PORT: u16 = 53;
 /// The largest DNS message over UDP.
 const MAX_MESSAGE: usize = 65535;
 
-/// The resolver pool, the nameservers and the tasks working on queries.
-pub(super) struct DnsDriver {
-    tasks: HashMap<DnsQueryId, JoinHandle<()>>,
+/// What every router shard's [`DnsDriver`] shares: the resolver permits
+/// and the nameservers, read once.
+#[derive(Clone)]
+pub(super) struct DnsShared {
     resolver: Arc<Semaphore>,
     nameservers: Arc<[SocketAddr]>,
-    timeout: Duration,
-    events: mpsc::Sender<HostEvent>,
 }
 
-impl DnsDriver {
-    /// Reads the host's nameservers if `config` has a DNS server.
-    pub(super) fn new(config: &Config, events: mpsc::Sender<HostEvent>) -> Self {
+impl DnsShared {
+    /// The permits of `config.resolver_threads`, and the host's nameservers
+    /// if `config` has a DNS server (logged).
+    pub(super) fn new(config: &Config) -> Self {
         let nameservers: Vec<SocketAddr> = match config.dns {
             None => Vec::new(),
             Some(addr) => {
@@ -81,10 +82,34 @@ impl DnsDriver {
                 nameservers
             }
         };
-        DnsDriver {
-            tasks: HashMap::new(),
+        DnsShared {
             resolver: Arc::new(Semaphore::new(config.resolver_threads)),
             nameservers: nameservers.into(),
+        }
+    }
+}
+
+/// One router shard's DNS edge: the shared resolver pool and nameservers,
+/// and the tasks working on its queries.
+pub(super) struct DnsDriver {
+    tasks: HashMap<DnsQueryId, JoinHandle<()>>,
+    resolver: Arc<Semaphore>,
+    nameservers: Arc<[SocketAddr]>,
+    timeout: Duration,
+    events: mpsc::Sender<HostEvent>,
+}
+
+impl DnsDriver {
+    /// Works with `shared`, reporting results to `events`.
+    pub(super) fn new(
+        config: &Config,
+        shared: &DnsShared,
+        events: mpsc::Sender<HostEvent>,
+    ) -> Self {
+        DnsDriver {
+            tasks: HashMap::new(),
+            resolver: shared.resolver.clone(),
+            nameservers: shared.nameservers.clone(),
             timeout: config.dns_timeout,
             events,
         }

@@ -2,8 +2,11 @@
 //!
 //! Each forward's socket is bound at startup, so a port in use is an error
 //! before the gateway runs. A reader task per socket hands every datagram to
-//! the router task; replies are sent without waiting, and dropped if the
-//! socket cannot take them at once.
+//! the router task of the shard that owns the forward (the shard of its
+//! DEST, [`Shards::of_endpoint`](crate::core::shard::Shards::of_endpoint));
+//! replies are sent without waiting ([`ForwardReplies`]), and dropped if the
+//! socket cannot take them at once. Accepted `-t` connections go to the
+//! shard of their forward's DEST the same way.
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,31 +64,42 @@ impl UdpForwards {
         })
     }
 
-    /// Starts the readers, which report to `events`.
-    pub(super) fn start(&mut self, events: &mpsc::Sender<HostEvent>) {
+    /// Starts the readers; forward `i` reports to `events_of(i)`.
+    pub(super) fn start(&mut self, events_of: impl Fn(usize) -> mpsc::Sender<HostEvent>) {
         self.readers = self
             .sockets
             .iter()
             .enumerate()
             .map(|(forward, socket)| {
-                tokio::spawn(read_datagrams(forward, socket.clone(), events.clone()))
+                tokio::spawn(read_datagrams(forward, socket.clone(), events_of(forward)))
             })
             .collect();
     }
 
-    /// Stops receiving and closes the HOST sockets (shutdown); later sends
-    /// are dropped.
+    /// The way the routers send replies out of these sockets.
+    pub(super) fn replies(&self) -> ForwardReplies {
+        ForwardReplies(self.sockets.clone())
+    }
+
+    /// Stops receiving (shutdown). The sockets close when the last
+    /// [`ForwardReplies`] is dropped with its router task.
     pub(super) fn close(&mut self) {
         for reader in self.readers.drain(..) {
             reader.abort();
         }
         self.sockets.clear();
     }
+}
 
+/// A router task's way out of the HOST sockets of the reverse UDP forwards,
+/// for replies.
+pub(super) struct ForwardReplies(Vec<Arc<UdpSocket>>);
+
+impl ForwardReplies {
     /// Sends `payload` from the HOST socket of `forward` to `to`, if it can
     /// go now.
     pub(super) fn send(&self, forward: usize, to: SocketAddr, payload: &[u8]) {
-        let Some(socket) = self.sockets.get(forward) else {
+        let Some(socket) = self.0.get(forward) else {
             return;
         };
         // A dual-stack socket reaches IPv4 senders at their mapped address.
@@ -196,13 +210,14 @@ impl TcpForwards {
         self.listeners.clear();
     }
 
-    /// Starts accepting; connections are reported to `events`.
-    pub(super) fn start(&mut self, events: &mpsc::Sender<HostEvent>) {
+    /// Starts accepting; forward `i`'s connections are reported to
+    /// `events_of(i)`.
+    pub(super) fn start(&mut self, events_of: impl Fn(usize) -> mpsc::Sender<HostEvent>) {
         self.acceptors = std::mem::take(&mut self.listeners)
             .into_iter()
             .enumerate()
             .map(|(forward, listener)| {
-                tokio::spawn(accept_connections(forward, listener, events.clone()))
+                tokio::spawn(accept_connections(forward, listener, events_of(forward)))
             })
             .collect();
     }

@@ -69,46 +69,45 @@ pub(super) struct EchoReply<'a> {
     pub(super) payload: &'a [u8],
 }
 
-/// The open echo sockets, by flow.
+/// The open echo sockets of one router shard, by flow.
 pub(super) struct EchoSockets {
     sockets: HashMap<FlowId, EchoSocket>,
     due: DueFlows,
     buf: Box<[u8]>,
+    /// This shard's index and the number of shards: raw sockets'
+    /// identifiers interleave, since every shard numbers its flows from 0.
+    shard: (usize, usize),
 }
 
 impl EchoSockets {
-    /// The socket table. Checks at once which kind of ICMP socket this
-    /// process may open, and warns if neither, saying how to fix it.
-    pub(super) fn new() -> Self {
-        match open_any(false) {
-            Ok((_, Kind::Ping)) => tracing::debug!("pings are forwarded through ping sockets"),
-            Ok((_, Kind::Raw { .. })) => {
-                tracing::info!(
-                    "ping sockets are not allowed; pings are forwarded through raw sockets"
-                )
-            }
-            Err(error) => tracing::warn!(
-                %error,
-                "cannot open an ICMP socket, so pings through the gateway go unanswered; \
-                 allow ping sockets with `sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`"
-            ),
+    /// The socket table of shard `index` of `count`. The first shard checks
+    /// at once which kind of ICMP socket this process may open
+    /// ([`check_sockets`]).
+    pub(super) fn new(index: usize, count: usize) -> Self {
+        if index == 0 {
+            check_sockets();
         }
         EchoSockets {
             sockets: HashMap::new(),
             due: DueFlows::default(),
             buf: vec![0; MAX_MESSAGE].into_boxed_slice(),
+            shard: (index, count.max(1)),
         }
     }
 
     /// Opens the socket of `flow`.
     pub(super) fn open(&mut self, flow: FlowId, ipv6: bool) -> io::Result<()> {
         let (socket, kind) = open_any(ipv6)?;
-        // Raw sockets need an identifier of their own: the flow's is
-        // distinct among open sockets, which is all that matters.
+        // Raw sockets need an identifier of their own: the flow's, made
+        // distinct across shards, is distinct among open sockets, which is
+        // all that matters.
         let kind = match kind {
-            Kind::Raw { .. } => Kind::Raw {
-                ident: flow.0 as u16,
-            },
+            Kind::Raw { .. } => {
+                let (index, count) = self.shard;
+                Kind::Raw {
+                    ident: (flow.0 * count as u64 + index as u64) as u16,
+                }
+            }
             ping => ping,
         };
         // SAFETY: a `Socket` owns its descriptor and keeps it open, the
@@ -216,6 +215,22 @@ fn service_one(
             }
         },
     )
+}
+
+/// Logs which kind of ICMP socket this process may open, and warns if
+/// neither, saying how to fix it.
+fn check_sockets() {
+    match open_any(false) {
+        Ok((_, Kind::Ping)) => tracing::debug!("pings are forwarded through ping sockets"),
+        Ok((_, Kind::Raw { .. })) => {
+            tracing::info!("ping sockets are not allowed; pings are forwarded through raw sockets")
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot open an ICMP socket, so pings through the gateway go unanswered; \
+             allow ping sockets with `sysctl -w net.ipv4.ping_group_range=\"0 2147483647\"`"
+        ),
+    }
 }
 
 /// A ping socket if allowed, else a raw socket (with identifier 0, for the
@@ -328,7 +343,7 @@ mod tests {
     /// through the service with its sequence number and data.
     #[tokio::test]
     async fn echo_replies_reach_the_router() {
-        let mut sockets = EchoSockets::new();
+        let mut sockets = EchoSockets::new(0, 1);
         for (flow, dest) in [(FlowId(1), "127.0.0.1"), (FlowId(2), "::1")] {
             let dest: IpAddr = dest.parse().unwrap();
             if let Err(error) = sockets.open(flow, dest.is_ipv6()) {

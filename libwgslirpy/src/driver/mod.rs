@@ -1,6 +1,16 @@
 //! The tokio driver: the I/O edge around the sans-I/O [`Router`].
 //!
-//! One task owns the router. It waits on four things at once: packets from
+//! # Shards
+//! The gateway runs `config.shards` routers, each owned by a task of its own
+//! with its own host sockets, so that flows are served on several worker
+//! threads at once with no lock between them ([`crate::core::shard`]): the
+//! tunnel hands each packet to the shard that owns its flow, reverse
+//! forwards report to the shard of their DEST, a shard hands a datagram it
+//! reassembled to the shard that owns it, and every shard writes to the
+//! tunnel's one outgoing channel. What follows holds for each shard's task.
+//!
+//! # One shard's task
+//! The task owns its router. It waits on four things at once: packets from
 //! the tunnel, events from host sockets, the router's next deadline, and
 //! shutdown. After each wake-up it feeds the input to the router with the
 //! current time, then carries out every output: socket actions first (so a
@@ -31,9 +41,10 @@
 //! too; an accepted connection the router takes becomes a TCP flow like any
 //! other, and one it refuses is reset.
 //!
-//! Other tasks talk to the router task through a small bounded control
-//! channel ([`control`]): counter snapshots for the metrics server
-//! ([`crate::metrics`]), and the new peer list after a reload.
+//! Other tasks talk to the router tasks through a small bounded control
+//! channel each ([`control`]): counter snapshots for the metrics server
+//! ([`crate::metrics`]), summed over the shards, and the new peer list after
+//! a reload, told to every shard.
 //!
 //! # Entry points
 //! [`run`] does everything for a configuration and a shutdown future. To
@@ -41,11 +52,13 @@
 //! [`Gateway::bind`], keep [`Gateway::handle`], then [`Gateway::run`].
 //!
 //! # Shutdown
-//! When the shutdown future completes: the reverse forwards stop listening,
+//! When the shutdown future completes (or a shard stops with an error): the
+//! reverse forwards stop listening, then in every shard
 //! [`Router::shut_down`] resets every TCP connection both ways and closes
-//! every other flow, the driver carries out those socket actions and then
+//! every other flow, the task carries out those socket actions and then
 //! flushes the packets queued for the tunnel (new SYNs meanwhile get RST),
-//! for at most [`SHUTDOWN_FLUSH`], and the tunnel stops.
+//! for at most [`SHUTDOWN_FLUSH`]; when every shard is done, the tunnel
+//! stops.
 
 pub mod control;
 mod dns;
@@ -58,12 +71,13 @@ mod udp;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::Config;
 use crate::config::ConfigError;
-use crate::core::{DnsOutcome, DnsQueryId, Router, SocketAction};
-use crate::tunnel::{self, TunnelError, TunnelHandle};
+use crate::core::shard::Shards;
+use crate::core::{DnsOutcome, DnsQueryId, Router, SocketAction, Stats};
+use crate::tunnel::{self, IpPacket, TunnelError, TunnelHandle};
 use tcp::TcpEvent;
 use udp::UdpEvent;
 
@@ -139,8 +153,9 @@ pub struct Gateway {
     udp_forwards: forward::UdpForwards,
     tcp_forwards: forward::TcpForwards,
     metrics: Option<tokio::net::TcpListener>,
-    requests: mpsc::Sender<control::Request>,
-    control: mpsc::Receiver<control::Request>,
+    /// One control channel per shard.
+    requests: Vec<mpsc::Sender<control::Request>>,
+    control: Vec<mpsc::Receiver<control::Request>>,
 }
 
 impl Gateway {
@@ -160,7 +175,9 @@ impl Gateway {
         };
         let tunnel = tunnel::start(&config).await?;
         tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
-        let (requests, control) = mpsc::channel(control::CONTROL_QUEUE);
+        let (requests, control) = (0..Shards::new(config.shards).count())
+            .map(|_| mpsc::channel(control::CONTROL_QUEUE))
+            .unzip();
         Ok(Gateway {
             config,
             tunnel,
@@ -198,6 +215,7 @@ impl Gateway {
         raise_fd_limit();
         let handle = self.handle();
         let tunnel_control = self.tunnel.control.clone();
+        let follower_handle = handle.clone();
         let metrics = self.metrics.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving metrics at /metrics and /healthz");
@@ -206,26 +224,125 @@ impl Gateway {
         });
         // `wg set` through the configuration socket changes the device's
         // peers behind the router's back; the router follows them.
-        let follower = self
-            .config
-            .uapi_socket
-            .is_some()
-            .then(|| tokio::spawn(follow_device_peers(self.requests.clone(), tunnel_control)));
-        // The gateway's own sender goes, so the channel closes with the
+        let follower =
+            self.config.uapi_socket.is_some().then(|| {
+                tokio::spawn(follow_device_peers(follower_handle.clone(), tunnel_control))
+            });
+        // The gateway's own senders go, so the channels close with the
         // last handle.
         drop(self.requests);
-        let driver = Driver::new(
+        let result = run_shards(
+            &follower_handle,
             &self.config,
             self.tunnel,
             self.udp_forwards,
             self.tcp_forwards,
             self.control,
-        );
-        let result = driver.run(shutdown).await;
+            shutdown,
+        )
+        .await;
         for task in [metrics, follower].into_iter().flatten() {
             task.abort();
         }
         result
+    }
+}
+
+/// Runs one router task per shard until `shutdown` completes or a shard
+/// stops with an error, then shuts every shard down (see the module
+/// documentation) and stops the tunnel. Returns the first error.
+async fn run_shards(
+    gateway: &GatewayHandle,
+    config: &Config,
+    mut tunnel: TunnelHandle,
+    mut udp_forwards: forward::UdpForwards,
+    mut tcp_forwards: forward::TcpForwards,
+    control: Vec<mpsc::Receiver<control::Request>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let shards = Shards::new(config.shards);
+    let each = shards.config_for_each(config);
+    let (events_tx, events): (Vec<_>, Vec<_>) = (0..shards.count())
+        .map(|_| mpsc::channel(each.transmit_queue_capacity.max(1)))
+        .unzip();
+    // A forward's sessions and connections live on the shard of its DEST.
+    let udp_owner = |i: usize| shards.of_endpoint(config.incoming_udp[i].dest);
+    let tcp_owner = |i: usize| shards.of_endpoint(config.incoming_tcp[i].dest);
+    udp_forwards.start(|i| events_tx[udp_owner(i)].clone());
+    tcp_forwards.start(|i| events_tx[tcp_owner(i)].clone());
+    let dns_shared = dns::DnsShared::new(config);
+    let (stop, stopping) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let incoming = std::mem::take(&mut tunnel.incoming);
+    for (index, ((incoming, events), (events_tx, control))) in incoming
+        .into_iter()
+        .zip(events)
+        .zip(events_tx.into_iter().zip(control))
+        .enumerate()
+    {
+        let driver = Driver {
+            router: Router::new(&each).in_shard(index, shards),
+            incoming,
+            outgoing: tunnel.outgoing.clone(),
+            to_shards: tunnel.to_shards.clone(),
+            dns: dns::DnsDriver::new(&each, &dns_shared, events_tx),
+            tcp: tcp::TcpSockets::new(),
+            udp: udp::UdpSockets::new(),
+            echo: icmp::EchoSockets::new(index, shards.count()),
+            forward_replies: udp_forwards.replies(),
+            events,
+            control,
+            host_addresses: Vec::new(),
+        };
+        tasks.spawn(driver.run(stopping.clone()));
+    }
+    tokio::pin!(shutdown);
+    let mut last = Stats::default();
+    // A shard ends before the others only with an error.
+    let mut result = tokio::select! {
+        () = &mut shutdown => Ok(()),
+        Some(ended) = tasks.join_next() => shard_result(ended).map(|stats| last.add(&stats)),
+    };
+    tcp_forwards.close();
+    udp_forwards.close();
+    // The counters as the gateway ran, before shutdown adds its own.
+    match gateway.router_snapshot().await {
+        Ok(before) => {
+            let o = &before.occupancy;
+            let flows = o.tcp_connections + o.udp_flows + o.icmp_ids;
+            tracing::info!(flows, stats = ?before.stats, "shutting down: closing every flow");
+        }
+        Err(_) => tracing::info!("shutting down: closing every flow"),
+    }
+    let _ = stop.send(true);
+    while let Some(ended) = tasks.join_next().await {
+        match shard_result(ended) {
+            Ok(stats) => last.add(&stats),
+            Err(error) if result.is_ok() => result = Err(error),
+            Err(_) => {}
+        }
+    }
+    tracing::info!(
+        resets_sent = last.tcp_resets_sent,
+        dropped_meanwhile = last.dropped_shutdown,
+        "shut down"
+    );
+    // gotatun gives no signal that its queue is empty.
+    tokio::time::sleep(TUNNEL_GRACE).await;
+    tunnel.close().await;
+    result
+}
+
+/// What a shard's task ended with (its last counters); a panic in it goes
+/// on unwinding here.
+fn shard_result(
+    ended: Result<Result<Stats, RunError>, tokio::task::JoinError>,
+) -> Result<Stats, RunError> {
+    match ended {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Only a runtime that is shutting down cancels the tasks.
+        Err(_) => Err(RunError::TunnelClosed),
     }
 }
 
@@ -237,10 +354,7 @@ const DEVICE_PEERS_CHECK: Duration = Duration::from_secs(1);
 /// allowed IPs), such as `wg set NAME peer … allowed-ips …`, within
 /// [`DEVICE_PEERS_CHECK`], so that a peer added at run time gets flow
 /// tables of its own and a removed one's flows close.
-async fn follow_device_peers(
-    requests: mpsc::Sender<control::Request>,
-    tunnel: tunnel::TunnelControl,
-) {
+async fn follow_device_peers(gateway: GatewayHandle, tunnel: tunnel::TunnelControl) {
     let mut known = tunnel.peer_routes().await;
     let mut check = tokio::time::interval(DEVICE_PEERS_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -259,11 +373,7 @@ async fn follow_device_peers(
             peers = now.len(),
             "the device's peers changed; the router follows"
         );
-        if requests
-            .send(control::Request::PeersReloaded(now.clone()))
-            .await
-            .is_err()
-        {
+        if gateway.tell_peers(&now).await.is_err() {
             return;
         }
         known = now;
@@ -339,17 +449,22 @@ enum HostEvent {
     },
 }
 
+/// One shard's router task: its router, its host sockets, and its ends of
+/// the channels.
 struct Driver {
     router: Router,
-    tunnel: TunnelHandle,
+    /// Packets from peers for this shard.
+    incoming: mpsc::Receiver<IpPacket>,
+    /// Packets for peers, shared by every shard.
+    outgoing: mpsc::Sender<IpPacket>,
+    /// Every shard's `incoming`, for datagrams reassembled here that another
+    /// shard owns.
+    to_shards: Vec<mpsc::WeakSender<IpPacket>>,
     udp: udp::UdpSockets,
     dns: dns::DnsDriver,
     tcp: tcp::TcpSockets,
     echo: icmp::EchoSockets,
-    udp_forwards: forward::UdpForwards,
-    /// Owned so that the accepting tasks stop with the driver (or at
-    /// shutdown).
-    tcp_forwards: forward::TcpForwards,
+    forward_replies: forward::ForwardReplies,
     events: mpsc::Receiver<HostEvent>,
     /// The host's own addresses as last told to the router.
     host_addresses: Vec<std::net::IpAddr>,
@@ -358,33 +473,6 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(
-        config: &Config,
-        tunnel: TunnelHandle,
-        mut udp_forwards: forward::UdpForwards,
-        mut tcp_forwards: forward::TcpForwards,
-        control: mpsc::Receiver<control::Request>,
-    ) -> Self {
-        let (events_tx, events) = mpsc::channel(config.transmit_queue_capacity);
-        udp_forwards.start(&events_tx);
-        tcp_forwards.start(&events_tx);
-        let mut driver = Driver {
-            router: Router::new(config),
-            tunnel,
-            dns: dns::DnsDriver::new(config, events_tx.clone()),
-            tcp: tcp::TcpSockets::new(),
-            udp: udp::UdpSockets::new(),
-            echo: icmp::EchoSockets::new(),
-            udp_forwards,
-            tcp_forwards,
-            events,
-            control,
-            host_addresses: Vec::new(),
-        };
-        driver.check_host_addresses();
-        driver
-    }
-
     /// Tells the router the host's own addresses if they changed.
     fn check_host_addresses(&mut self) {
         let mut addresses = host_addresses();
@@ -397,8 +485,10 @@ impl Driver {
         }
     }
 
-    async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-        tokio::pin!(shutdown);
+    /// Serves this shard until `stopping` turns true (or its sender is
+    /// gone), then shuts it down.
+    async fn run(mut self, mut stopping: watch::Receiver<bool>) -> Result<Stats, RunError> {
+        self.check_host_addresses();
         let mut host_check = tokio::time::interval(HOST_ADDRESS_CHECK);
         host_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; the addresses were listed at startup.
@@ -406,7 +496,7 @@ impl Driver {
         loop {
             let deadline = self.router.poll_timeout();
             // A handle of its own, so that waiting for room borrows nothing of `self`.
-            let outgoing = self.tunnel.outgoing.clone();
+            let outgoing = self.outgoing.clone();
             let timer = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -415,13 +505,14 @@ impl Driver {
             };
             tokio::select! {
                 biased;
-                () = &mut shutdown => return self.shut_down().await,
-                packet = self.tunnel.incoming.recv() => {
+                // Only `true` is ever sent; a sender gone means stop too.
+                _ = stopping.changed() => return self.shut_down().await,
+                packet = self.incoming.recv() => {
                     let packet = packet.ok_or(RunError::TunnelClosed)?;
                     let now = Instant::now();
                     self.router.handle_owned_packet(now, packet.freeze());
                     for _ in 1..TUNNEL_BATCH {
-                        let Ok(packet) = self.tunnel.incoming.try_recv() else { break };
+                        let Ok(packet) = self.incoming.try_recv() else { break };
                         self.router.handle_owned_packet(now, packet.freeze());
                     }
                     // Host events get their turn even when the tunnel is busy.
@@ -476,26 +567,17 @@ impl Driver {
 
     /// Stops gracefully: no new flows, every flow closed toward both
     /// sides, the last packets flushed to the tunnel (for at most
-    /// [`SHUTDOWN_FLUSH`]), then the tunnel stopped.
-    async fn shut_down(mut self) -> Result<(), RunError> {
+    /// [`SHUTDOWN_FLUSH`]). Returns the router's last counters.
+    async fn shut_down(mut self) -> Result<Stats, RunError> {
         let now = Instant::now();
         let deadline = now + SHUTDOWN_FLUSH;
-        self.tcp_forwards.close();
-        self.udp_forwards.close();
-        let flows = {
-            let o = self.router.occupancy();
-            o.tcp_connections + o.udp_flows + o.icmp_ids
-        };
-        // The counters as the gateway ran, before shutdown adds its own.
-        tracing::info!(flows, stats = ?self.router.stats(), "shutting down: closing every flow");
         self.router.shut_down(now);
         self.drain()?;
-        let outgoing = self.tunnel.outgoing.clone();
+        let outgoing = self.outgoing.clone();
         loop {
             let flushed =
                 !self.router.has_transmit() && outgoing.capacity() == outgoing.max_capacity();
             if flushed {
-                tokio::time::sleep(TUNNEL_GRACE).await;
                 break;
             }
             let permit = outgoing.clone();
@@ -513,7 +595,7 @@ impl Driver {
                 }
                 // Still listening, so that new SYNs get RST and late socket
                 // events are dealt with.
-                Some(packet) = self.tunnel.incoming.recv() => {
+                Some(packet) = self.incoming.recv() => {
                     self.router.handle_owned_packet(Instant::now(), packet.freeze());
                 }
                 Some(event) = self.events.recv() => self.handle_event(event),
@@ -525,14 +607,7 @@ impl Driver {
                 break;
             }
         }
-        let stats = self.router.stats();
-        tracing::info!(
-            resets_sent = stats.tcp_resets_sent,
-            dropped_meanwhile = stats.dropped_shutdown,
-            "shut down"
-        );
-        self.tunnel.close().await;
-        Ok(())
+        Ok(self.router.stats().clone())
     }
 
     /// Feeds one host event to the router.
@@ -618,7 +693,7 @@ impl Driver {
         // Packets wait in the router's bounded queue until the tunnel has
         // room; the router drops (and counts) what does not fit there.
         loop {
-            let permit = match self.tunnel.outgoing.try_reserve() {
+            let permit = match self.outgoing.try_reserve() {
                 Ok(permit) => permit,
                 Err(mpsc::error::TrySendError::Full(())) => break,
                 Err(mpsc::error::TrySendError::Closed(())) => return Err(RunError::TunnelClosed),
@@ -628,7 +703,21 @@ impl Driver {
             };
             permit.send(packet);
         }
+        self.reroute();
         Ok(())
+    }
+
+    /// Hands the datagrams reassembled here that other shards own to those
+    /// shards, without waiting: one whose shard's channel is full is dropped.
+    fn reroute(&mut self) {
+        while let Some((shard, packet)) = self.router.poll_reroute() {
+            let sent = self.to_shards[shard]
+                .upgrade()
+                .is_some_and(|to| to.try_send(packet).is_ok());
+            if !sent {
+                tracing::debug!(shard, "reassembled datagram dropped: its shard is busy");
+            }
+        }
     }
 
     /// Carries out the router's socket actions.
@@ -682,7 +771,7 @@ impl Driver {
                     forward,
                     to,
                     payload,
-                } => self.udp_forwards.send(forward, to, &payload),
+                } => self.forward_replies.send(forward, to, &payload),
             }
         }
     }

@@ -136,7 +136,7 @@ async fn server() -> (SocketAddr, tokio::task::JoinHandle<()>, mpsc::Sender<()>)
         }
     });
     let handle = GatewayHandle {
-        requests,
+        requests: vec![requests],
         tunnel: TunnelControl::detached(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,9 +11,10 @@
 //! Both ask the kernel for large buffers on their socket
 //! ([`socket_buffers`]), so that a burst waits there instead of being lost.
 //!
-//! A transport hands the router decrypted, source-checked IP packets on
-//! `incoming`, and takes packets for peers on `outgoing`. Both channels are
-//! bounded. The router must only `try_send` on `outgoing`: when the queue is
+//! A transport hands the routers decrypted, source-checked IP packets on
+//! `incoming`, one channel per router shard, each packet to the shard that
+//! owns its flow ([`ToShards`]), and takes packets for peers on `outgoing`,
+//! which every shard shares. All channels are bounded. The router must only `try_send` on `outgoing`: when the queue is
 //! full the packet is dropped, as a full TUN queue would drop it, so a slow
 //! tunnel never stalls the router. Dropping the handle stops the transport.
 
@@ -30,6 +31,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Key, PeerConfig};
+use crate::core::shard::Shards;
 
 /// One plain IP packet, v4 or v6, as it travels between the router and a
 /// transport.
@@ -37,9 +39,13 @@ pub type IpPacket = BytesMut;
 
 /// A running transport.
 pub struct TunnelHandle {
-    /// Packets from peers: decrypted, and (for WireGuard) with an inner
-    /// source address within the sending peer's allowed IPs.
-    pub incoming: mpsc::Receiver<IpPacket>,
+    /// Packets from peers, one channel per router shard (`config.shards`):
+    /// decrypted, and (for WireGuard) with an inner source address within
+    /// the sending peer's allowed IPs.
+    pub incoming: Vec<mpsc::Receiver<IpPacket>>,
+    /// A way into each shard's `incoming` that does not keep it open, for
+    /// a shard to hand another the datagrams it reassembled for it.
+    pub to_shards: Vec<mpsc::WeakSender<IpPacket>>,
     /// Packets for peers. Use `try_send` and drop on a full queue.
     pub outgoing: mpsc::Sender<IpPacket>,
     /// The local address of the tunnel's UDP socket.
@@ -61,6 +67,44 @@ impl TunnelHandle {
         }
     }
 }
+
+/// The transport's end of the shards' `incoming` channels: each packet
+/// goes to the shard that owns its flow ([`Shards::of_packet`]).
+#[derive(Clone)]
+pub(crate) struct ToShards {
+    senders: Vec<mpsc::Sender<IpPacket>>,
+    shards: Shards,
+}
+
+impl ToShards {
+    /// One channel of `capacity` packets per shard of `config`, and their
+    /// receiving ends in shard order.
+    fn channels(config: &Config) -> (Self, Vec<mpsc::Receiver<IpPacket>>) {
+        let shards = Shards::new(config.shards);
+        let capacity = config.transmit_queue_capacity.max(1);
+        let (senders, receivers) = (0..shards.count()).map(|_| mpsc::channel(capacity)).unzip();
+        (ToShards { senders, shards }, receivers)
+    }
+
+    /// Weak senders into each shard's channel, for [`TunnelHandle::to_shards`].
+    fn downgrade(&self) -> Vec<mpsc::WeakSender<IpPacket>> {
+        self.senders.iter().map(mpsc::Sender::downgrade).collect()
+    }
+
+    /// Hands `packet` to its shard, waiting for room in that shard's
+    /// channel. Fails once that shard's router is gone.
+    async fn send(&self, packet: IpPacket) -> Result<(), RouterGone> {
+        let shard = self.shards.of_packet(&packet);
+        self.senders[shard]
+            .send(packet)
+            .await
+            .map_err(|_| RouterGone)
+    }
+}
+
+/// A router shard has stopped: the transport stops reading.
+#[derive(Debug)]
+struct RouterGone;
 
 /// Inspects and reconfigures a running transport: per-peer counters, and
 /// replacing the peer list (SIGHUP). Cheap to clone; it does not keep the

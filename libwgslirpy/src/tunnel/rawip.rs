@@ -91,9 +91,8 @@ pub(super) async fn start(
         ),
     }
 
-    let capacity = config.transmit_queue_capacity.max(1);
-    let (incoming_tx, incoming_rx) = mpsc::channel(capacity);
-    let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
+    let (to_shards, incoming) = super::ToShards::channels(config);
+    let (outgoing_tx, outgoing_rx) = mpsc::channel(config.transmit_queue_capacity.max(1));
 
     let shared = Arc::new(Shared {
         socket,
@@ -105,11 +104,13 @@ pub(super) async fn start(
     let counters = Arc::clone(&shared.counters);
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(receive(Arc::clone(&shared), incoming_tx));
+    let weak_shards = to_shards.downgrade();
+    tasks.spawn(receive(Arc::clone(&shared), to_shards));
     tasks.spawn(send(shared, outgoing_rx));
 
     Ok(TunnelHandle {
-        incoming: incoming_rx,
+        incoming,
+        to_shards: weak_shards,
         outgoing: outgoing_tx,
         local_addr,
         control: super::TunnelControl(super::ControlInner::RawIp),
@@ -161,8 +162,8 @@ impl Shared {
 }
 
 /// Receives datagrams, checks and unwraps them, and hands the IP packets to
-/// the router. Ends when the router drops `incoming`.
-async fn receive(shared: Arc<Shared>, incoming: mpsc::Sender<IpPacket>) {
+/// the routers. Ends when a router drops its `incoming`.
+async fn receive(shared: Arc<Shared>, incoming: super::ToShards) {
     let mut buffer = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, source) = match shared.socket.recv_from(&mut buffer).await {
@@ -339,7 +340,7 @@ mod tests {
     }
 
     async fn next(handle: &mut TunnelHandle) -> BytesMut {
-        tokio::time::timeout(WAIT, handle.incoming.recv())
+        tokio::time::timeout(WAIT, handle.incoming[0].recv())
             .await
             .expect("a packet")
             .expect("transport running")

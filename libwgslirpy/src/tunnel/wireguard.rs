@@ -119,9 +119,9 @@ pub(super) async fn start(
         return Err(TunnelError::WireGuard("no peers configured".into()));
     }
 
-    let capacity = config.transmit_queue_capacity.max(1);
-    let (incoming_tx, incoming_rx) = mpsc::channel(capacity);
-    let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
+    let (to_shards, incoming) = super::ToShards::channels(config);
+    let weak_shards = to_shards.downgrade();
+    let (outgoing_tx, outgoing_rx) = mpsc::channel(config.transmit_queue_capacity.max(1));
 
     let device_peers = peers.iter().map(device_peer);
 
@@ -143,7 +143,7 @@ pub(super) async fn start(
             buffer: config.tunnel_socket_buffer,
         })
         .with_ip_pair(
-            ToRouter(incoming_tx),
+            ToRouter(to_shards),
             FromRouter {
                 packets: outgoing_rx,
                 batch: Vec::with_capacity(MAX_BATCH),
@@ -192,7 +192,8 @@ pub(super) async fn start(
     };
 
     Ok(TunnelHandle {
-        incoming: incoming_rx,
+        incoming,
+        to_shards: weak_shards,
         outgoing: outgoing_tx,
         local_addr,
         control: super::TunnelControl(super::ControlInner::WireGuard(control)),
@@ -497,13 +498,13 @@ async fn initiate_handshake(device: Arc<WgDevice>, public_key: Key, endpoint: So
     }
 }
 
-/// The device's way to the router: decrypted, source-checked packets go
-/// into the bounded `incoming` channel.
-struct ToRouter(mpsc::Sender<IpPacket>);
+/// The device's way to the routers: decrypted, source-checked packets go
+/// into the bounded `incoming` channel of the shard that owns their flow.
+struct ToRouter(super::ToShards);
 
 impl IpSend for ToRouter {
     /// Copies the packet out of gotatun's pooled buffer (so the buffer goes
-    /// back to the pool) and waits for room in the channel.
+    /// back to the pool) and waits for room in its shard's channel.
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
         let bytes = BytesMut::from(&packet.into_bytes()[..]);
         tracing::trace!(len = bytes.len(), "packet from peer");
@@ -728,7 +729,7 @@ mod tests {
         client.outgoing.try_send(spoofed).unwrap();
         let request = ipv4_udp(client_ip, outside, b"request");
         client.outgoing.try_send(request.clone()).unwrap();
-        let got = tokio::time::timeout(wait, server.incoming.recv())
+        let got = tokio::time::timeout(wait, server.incoming[0].recv())
             .await
             .expect("packet through the tunnel")
             .unwrap();
@@ -737,7 +738,7 @@ mod tests {
         // The server learned the client's endpoint from the handshake.
         let reply = ipv4_udp(outside, client_ip, b"reply");
         server.outgoing.try_send(reply.clone()).unwrap();
-        let got = tokio::time::timeout(wait, client.incoming.recv())
+        let got = tokio::time::timeout(wait, client.incoming[0].recv())
             .await
             .expect("reply through the tunnel")
             .unwrap();
@@ -883,7 +884,7 @@ mod tests {
         loop {
             let _ = client.outgoing.try_send(packet.clone());
             if let Ok(Some(got)) =
-                tokio::time::timeout(Duration::from_millis(500), server.incoming.recv()).await
+                tokio::time::timeout(Duration::from_millis(500), server.incoming[0].recv()).await
             {
                 assert_eq!(got, packet);
                 break;
