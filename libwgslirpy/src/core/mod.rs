@@ -775,17 +775,24 @@ impl Router {
     /// something to send. So call this only when the tunnel has room: TCP
     /// then sends exactly as fast as the tunnel takes packets.
     pub fn poll_transmit(&mut self) -> Option<BytesMut> {
+        self.poll_transmit_to_peer().map(|(packet, _)| packet)
+    }
+
+    /// [`Router::poll_transmit`], with the peer the packet goes to (`None`
+    /// if no peer's allowed IPs hold its destination any more), for a
+    /// driver that spreads the peers over several encryption lanes.
+    pub fn poll_transmit_to_peer(&mut self) -> Option<(BytesMut, Option<PeerId>)> {
         if let Some(packet) = self.transmit.pop_front() {
-            self.count_to_peer(&packet);
-            return Some(packet);
+            let peer = self.count_to_peer(&packet);
+            return Some((packet, peer));
         }
         let now = self.now?;
         let packet = self
             .tcp
             .poll_segment(now, &mut self.actions, &mut self.stats)?;
         self.stats.packets_out += 1;
-        self.count_to_peer(&packet);
-        Some(packet)
+        let peer = self.count_to_peer(&packet);
+        Some((packet, peer))
     }
 
     /// Whether [`Router::poll_transmit`] may return a packet. When it is

@@ -453,12 +453,12 @@ impl Router {
     }
 
     /// Counts `packet`, on its way to the tunnel, for the peer that owns
-    /// its destination.
-    pub(super) fn count_to_peer(&mut self, packet: &[u8]) {
+    /// its destination, and returns that peer.
+    pub(super) fn count_to_peer(&mut self, packet: &[u8]) -> Option<PeerId> {
         let index = peers::destination_of(packet).and_then(|dst| self.peers.lookup(dst));
-        if let Some(peer) = index.and_then(|index| self.peers.get_mut(index)) {
-            peer.counters.packets_to += 1;
-            peer.counters.bytes_to += packet.len() as u64;
-        }
+        let peer = index.and_then(|index| self.peers.get_mut(index))?;
+        peer.counters.packets_to += 1;
+        peer.counters.bytes_to += packet.len() as u64;
+        Some(peer.id)
     }
 }

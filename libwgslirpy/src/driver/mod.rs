@@ -7,7 +7,8 @@
 //! tunnel hands each packet to the shard that owns its flow, reverse
 //! forwards report to the shard of their DEST, a shard hands a datagram it
 //! reassembled to the shard that owns it, and every shard writes to the
-//! tunnel's one outgoing channel. What follows holds for each shard's task.
+//! tunnel's encryption lanes, each peer's packets to one lane ([`lanes`]).
+//! What follows holds for each shard's task.
 //!
 //! # One shard's task
 //! The task owns its router. It waits on four things at once: packets from
@@ -16,8 +17,9 @@
 //! current time, then carries out every output: socket actions first (so a
 //! UDP send finds the socket opened just before it), then packets for the
 //! tunnel. Nothing in this loop waits on a full queue: packets that the
-//! tunnel cannot take yet stay in the router's bounded transmit queue, which
-//! drops and counts what does not fit, as a TUN device would.
+//! tunnel cannot take yet stay in the router's bounded transmit queue (one
+//! of them, whose lane was full, held in [`lanes`]), which drops and counts
+//! what does not fit, as a TUN device would.
 //!
 //! Host sockets live here, keyed by the router's flow ids. No flow has a
 //! task or a channel: the reactor marks a flow whose socket turned ready
@@ -64,6 +66,7 @@ pub mod control;
 mod dns;
 mod forward;
 mod icmp;
+mod lanes;
 mod ready;
 mod tcp;
 mod udp;
@@ -283,7 +286,7 @@ async fn run_shards(
         let driver = Driver {
             router: Router::new(&each).in_shard(index, shards),
             incoming,
-            outgoing: tunnel.outgoing.clone(),
+            lanes: lanes::Lanes::new(tunnel.outgoing.clone()),
             to_shards: tunnel.to_shards.clone(),
             dns: dns::DnsDriver::new(&each, &dns_shared, events_tx),
             tcp: tcp::TcpSockets::new(),
@@ -455,8 +458,8 @@ struct Driver {
     router: Router,
     /// Packets from peers for this shard.
     incoming: mpsc::Receiver<IpPacket>,
-    /// Packets for peers, shared by every shard.
-    outgoing: mpsc::Sender<IpPacket>,
+    /// Packets for peers, into the encryption lanes every shard shares.
+    lanes: lanes::Lanes,
     /// Every shard's `incoming`, for datagrams reassembled here that another
     /// shard owns.
     to_shards: Vec<mpsc::WeakSender<IpPacket>>,
@@ -496,7 +499,13 @@ impl Driver {
         loop {
             let deadline = self.router.poll_timeout();
             // A handle of its own, so that waiting for room borrows nothing of `self`.
-            let outgoing = self.outgoing.clone();
+            let blocked = self.lanes.blocked_lane();
+            let room = async {
+                match &blocked {
+                    Some(lane) => lane.reserve().await,
+                    None => std::future::pending().await,
+                }
+            };
             let timer = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -530,11 +539,9 @@ impl Driver {
                     if self.router.transmit_room() > 0 => {}
                 () = std::future::poll_fn(|cx| self.echo.poll_due(cx)),
                     if self.router.transmit_room() > 0 => {}
-                permit = outgoing.reserve(), if self.router.has_transmit() => {
+                permit = room, if blocked.is_some() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
-                    if let Some(packet) = self.router.poll_transmit() {
-                        permit.send(packet);
-                    }
+                    self.lanes.send_held(permit);
                 }
                 () = timer => self.router.handle_timeout(Instant::now()),
                 _ = host_check.tick() => self.check_host_addresses(),
@@ -573,25 +580,26 @@ impl Driver {
         let deadline = now + SHUTDOWN_FLUSH;
         self.router.shut_down(now);
         self.drain()?;
-        let outgoing = self.outgoing.clone();
         loop {
-            let flushed =
-                !self.router.has_transmit() && outgoing.capacity() == outgoing.max_capacity();
-            if flushed {
+            if !self.router.has_transmit() && self.lanes.is_flushed() {
                 break;
             }
-            let permit = outgoing.clone();
+            let blocked = self.lanes.blocked_lane();
+            let room = async {
+                match &blocked {
+                    Some(lane) => lane.reserve().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::warn!("shutting down: the tunnel did not take every last packet in time");
                     break;
                 }
-                permit = permit.reserve(), if self.router.has_transmit() => {
+                permit = room, if blocked.is_some() => {
                     let Ok(permit) = permit else { break };
-                    if let Some(packet) = self.router.poll_transmit() {
-                        permit.send(packet);
-                    }
+                    self.lanes.send_held(permit);
                 }
                 // Still listening, so that new SYNs get RST and late socket
                 // events are dealt with.
@@ -692,17 +700,9 @@ impl Driver {
         self.carry_out_socket_actions();
         // Packets wait in the router's bounded queue until the tunnel has
         // room; the router drops (and counts) what does not fit there.
-        loop {
-            let permit = match self.outgoing.try_reserve() {
-                Ok(permit) => permit,
-                Err(mpsc::error::TrySendError::Full(())) => break,
-                Err(mpsc::error::TrySendError::Closed(())) => return Err(RunError::TunnelClosed),
-            };
-            let Some(packet) = self.router.poll_transmit() else {
-                break;
-            };
-            permit.send(packet);
-        }
+        self.lanes
+            .fill(&mut self.router)
+            .map_err(|lanes::Closed| RunError::TunnelClosed)?;
         self.reroute();
         Ok(())
     }

@@ -14,7 +14,9 @@
 //! A transport hands the routers decrypted, source-checked IP packets on
 //! `incoming`, one channel per router shard, each packet to the shard that
 //! owns its flow ([`ToShards`]), and takes packets for peers on `outgoing`,
-//! which every shard shares. All channels are bounded. The router must only `try_send` on `outgoing`: when the queue is
+//! one channel per encryption lane, which every shard shares: the
+//! packets of one peer all go to the same lane ([`lane_of`]), and lanes are
+//! encrypted in parallel. All channels are bounded. The router must only `try_send` on `outgoing`: when the queue is
 //! full the packet is dropped, as a full TUN queue would drop it, so a slow
 //! tunnel never stalls the router. Dropping the handle stops the transport.
 
@@ -46,8 +48,10 @@ pub struct TunnelHandle {
     /// A way into each shard's `incoming` that does not keep it open, for
     /// a shard to hand another the datagrams it reassembled for it.
     pub to_shards: Vec<mpsc::WeakSender<IpPacket>>,
-    /// Packets for peers. Use `try_send` and drop on a full queue.
-    pub outgoing: mpsc::Sender<IpPacket>,
+    /// Packets for peers, one channel per encryption lane
+    /// (`config.shards` of them); put each peer's packets on
+    /// [`lane_of`] that peer. Use `try_send` and drop on a full queue.
+    pub outgoing: Vec<mpsc::Sender<IpPacket>>,
     /// The local address of the tunnel's UDP socket.
     pub local_addr: SocketAddr,
     /// Inspects and reconfigures the transport while it runs.
@@ -66,6 +70,21 @@ impl TunnelHandle {
             Running::RawIp(_) => {}
         }
     }
+}
+
+/// The encryption lane, of `lanes`, for the packets of `peer` (lane 0 for
+/// a packet of no peer, which the transport drops).
+pub fn lane_of(peer: Option<crate::core::PeerId>, lanes: usize) -> usize {
+    peer.map_or(0, |peer| peer.0 as usize % lanes.max(1))
+}
+
+/// One bounded channel of packets for peers per encryption lane
+/// (`config.shards`): the senders in lane order, and the receivers.
+fn lanes(config: &Config) -> (Vec<mpsc::Sender<IpPacket>>, Vec<mpsc::Receiver<IpPacket>>) {
+    let capacity = config.transmit_queue_capacity.max(1);
+    (0..Shards::new(config.shards).count())
+        .map(|_| mpsc::channel(capacity))
+        .unzip()
 }
 
 /// The transport's end of the shards' `incoming` channels: each packet

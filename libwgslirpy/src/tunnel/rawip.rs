@@ -92,7 +92,7 @@ pub(super) async fn start(
     }
 
     let (to_shards, incoming) = super::ToShards::channels(config);
-    let (outgoing_tx, outgoing_rx) = mpsc::channel(config.transmit_queue_capacity.max(1));
+    let (outgoing, lanes) = super::lanes(config);
 
     let shared = Arc::new(Shared {
         socket,
@@ -106,12 +106,14 @@ pub(super) async fn start(
     let mut tasks = JoinSet::new();
     let weak_shards = to_shards.downgrade();
     tasks.spawn(receive(Arc::clone(&shared), to_shards));
-    tasks.spawn(send(shared, outgoing_rx));
+    for lane in lanes {
+        tasks.spawn(send(Arc::clone(&shared), lane));
+    }
 
     Ok(TunnelHandle {
         incoming,
         to_shards: weak_shards,
-        outgoing: outgoing_tx,
+        outgoing,
         local_addr,
         control: super::TunnelControl(super::ControlInner::RawIp),
         _running: super::Running::RawIp(Running {
@@ -430,8 +432,7 @@ mod tests {
         assert_eq!(counters(&handle).foreign_source.load(Ordering::Relaxed), 1);
 
         // Replies go to the configured peer even after the stranger spoke.
-        handle
-            .outgoing
+        handle.outgoing[0]
             .try_send(BytesMut::from(&ipv4(8)[..]))
             .unwrap();
         assert_eq!(recv(&peer).await, ipv4(8));
@@ -442,8 +443,7 @@ mod tests {
         let mut handle = start_raw(None).await;
 
         // Nobody has spoken: dropped.
-        handle
-            .outgoing
+        handle.outgoing[0]
             .try_send(BytesMut::from(&ipv4(1)[..]))
             .unwrap();
         tokio::time::timeout(WAIT, async {
@@ -458,16 +458,14 @@ mod tests {
         let second = client().await;
         first.send_to(&ipv4(2), handle.local_addr).await.unwrap();
         next(&mut handle).await;
-        handle
-            .outgoing
+        handle.outgoing[0]
             .try_send(BytesMut::from(&ipv4(3)[..]))
             .unwrap();
         assert_eq!(recv(&first).await, ipv4(3));
 
         second.send_to(&ipv6(4), handle.local_addr).await.unwrap();
         next(&mut handle).await;
-        handle
-            .outgoing
+        handle.outgoing[0]
             .try_send(BytesMut::from(&ipv6(5)[..]))
             .unwrap();
         assert_eq!(recv(&second).await, ipv6(5));

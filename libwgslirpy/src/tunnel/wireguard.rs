@@ -58,6 +58,7 @@ use tokio::task::JoinSet;
 use super::udp_gso::GsoSocket;
 use super::{IpPacket, TunnelError, TunnelHandle};
 use crate::config::{Config, Key, PeerConfig};
+use crate::core::shard::Shards;
 
 /// Most packets handed to the device in one [`IpRecv::recv`] call.
 const MAX_BATCH: usize = 64;
@@ -121,7 +122,8 @@ pub(super) async fn start(
 
     let (to_shards, incoming) = super::ToShards::channels(config);
     let weak_shards = to_shards.downgrade();
-    let (outgoing_tx, outgoing_rx) = mpsc::channel(config.transmit_queue_capacity.max(1));
+    let (outgoing, mut lanes) = super::lanes(config);
+    let first_lane = lanes.remove(0);
 
     let device_peers = peers.iter().map(device_peer);
 
@@ -141,11 +143,14 @@ pub(super) async fn start(
         .with_udp(ExactBind {
             ip: config.bind.ip(),
             buffer: config.tunnel_socket_buffer,
+            lanes: Shards::new(config.shards).count(),
+            binds: 0,
         })
         .with_ip_pair(
             ToRouter(to_shards),
             FromRouter {
-                packets: outgoing_rx,
+                packets: first_lane,
+                lanes,
                 batch: Vec::with_capacity(MAX_BATCH),
                 mtu: config.mtu,
             },
@@ -194,7 +199,7 @@ pub(super) async fn start(
     Ok(TunnelHandle {
         incoming,
         to_shards: weak_shards,
-        outgoing: outgoing_tx,
+        outgoing,
         local_addr,
         control: super::TunnelControl(super::ControlInner::WireGuard(control)),
         _running: super::Running::WireGuard(Running {
@@ -503,6 +508,11 @@ async fn initiate_handshake(device: Arc<WgDevice>, public_key: Key, endpoint: So
 struct ToRouter(super::ToShards);
 
 impl IpSend for ToRouter {
+    /// Every receive lane hands its packets to the same shards.
+    fn lane(&self) -> Option<Self> {
+        Some(ToRouter(self.0.clone()))
+    }
+
     /// Copies the packet out of gotatun's pooled buffer (so the buffer goes
     /// back to the pool) and waits for room in its shard's channel.
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
@@ -519,8 +529,11 @@ impl IpSend for ToRouter {
 /// The router's way to the device: packets for peers, taken from the
 /// bounded `outgoing` channel.
 struct FromRouter {
-    /// The router's outgoing packets.
+    /// The router's outgoing packets, of one lane.
     packets: mpsc::Receiver<IpPacket>,
+    /// The other lanes, until the device takes them
+    /// ([`IpRecv::take_lanes`]).
+    lanes: Vec<mpsc::Receiver<IpPacket>>,
     /// Reused buffer for one batch.
     batch: Vec<IpPacket>,
     /// The tunnel MTU, reported to the device.
@@ -548,6 +561,19 @@ impl IpRecv for FromRouter {
     fn mtu(&self) -> MtuWatcher {
         MtuWatcher::new(self.mtu)
     }
+
+    /// The other lanes, each for a send task of the device's own.
+    fn take_lanes(&mut self) -> Vec<Self> {
+        std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(|packets| FromRouter {
+                packets,
+                lanes: Vec::new(),
+                batch: Vec::with_capacity(MAX_BATCH),
+                mtu: self.mtu,
+            })
+            .collect()
+    }
 }
 
 /// Wraps a router packet for gotatun, or drops it if it is too short to be
@@ -563,19 +589,45 @@ fn into_ip_packet(bytes: IpPacket) -> Option<Packet<Ip>> {
     }
 }
 
-/// Binds the device's UDP socket to one exact IP address, with the port the
-/// device asks for, and sizes its buffers. gotatun's own factory would bind
-/// dual-stack `::`.
+/// Binds the device's UDP sockets to one exact IP address, with the port the
+/// device asks for, and sizes their buffers. gotatun's own factory would
+/// bind dual-stack `::`.
+///
+/// With several lanes, the device binds one socket per receive lane, all on
+/// one port with `SO_REUSEPORT`: the kernel keeps each sender (each peer's
+/// endpoint) on one socket, so one peer's packets are decrypted in order and
+/// different peers' in parallel. `SO_REUSEPORT` would also let us join the
+/// group of another process of the same user unnoticed (a second gateway
+/// started on the same port by mistake), so the first socket of each set
+/// is preceded by a probe without it, which fails if anything has the port;
+/// and a later gateway's probe fails on ours.
 struct ExactBind {
     /// The address to bind, from `config.bind`.
     ip: IpAddr,
     /// Kernel buffer to ask for each way, from `config.tunnel_socket_buffer`.
     buffer: usize,
+    /// Receive lanes: sockets per port.
+    lanes: usize,
+    /// Sockets bound so far: the device binds them `lanes` at a time.
+    binds: usize,
+}
+
+impl ExactBind {
+    /// Fails if `port` (0: any) of our address is in use, as a bind without
+    /// `SO_REUSEPORT` sees it; returns the port, chosen by the kernel if 0.
+    fn probe(&self, port: u16, options: SockOpt) -> io::Result<u16> {
+        let probe = UdpSocket::bind(SocketAddr::new(self.ip, port), options)?;
+        Ok(probe.local_addr()?.port())
+    }
 }
 
 impl UdpTransportFactory for ExactBind {
     type Send = GsoSocket;
     type Recv = GsoSocket;
+
+    fn lanes(&self) -> usize {
+        self.lanes
+    }
 
     async fn bind(
         &mut self,
@@ -587,13 +639,21 @@ impl UdpTransportFactory for ExactBind {
             IpAddr::V6(_) => Some(true),
             IpAddr::V4(_) => None,
         };
-        let options = SockOpt {
+        let mut options = SockOpt {
             #[cfg(target_os = "linux")]
             fwmark: params.fwmark,
             only_v6,
             ..SockOpt::default()
         };
-        let socket = UdpSocket::bind(SocketAddr::new(self.ip, params.port), options)?;
+        let mut port = params.port;
+        if self.lanes > 1 {
+            if self.binds.is_multiple_of(self.lanes) {
+                port = self.probe(port, options)?;
+            }
+            options.reuse_port = true;
+        }
+        self.binds += 1;
+        let socket = UdpSocket::bind(SocketAddr::new(self.ip, port), options)?;
         super::socket_buffers::request(&socket, self.buffer);
         if let Err(error) = socket.enable_udp_gro() {
             tracing::debug!(%error, "UDP GRO unavailable");
@@ -679,6 +739,31 @@ mod tests {
         }
     }
 
+    /// A socket that holds the port with `SO_REUSEPORT` does not make the
+    /// lanes join it: the probe before them fails.
+    #[tokio::test]
+    async fn lanes_do_not_join_a_port_held_with_reuseport() {
+        let holder = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        holder.set_reuse_port(true).unwrap();
+        holder
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let addr = holder.local_addr().unwrap().as_socket().unwrap();
+        let (private, _) = key_pair();
+        let (_, other) = key_pair();
+        let mut cfg = config(private, peer(other, None, "10.0.0.2/32"), addr);
+        cfg.shards = 2;
+        assert!(matches!(
+            super::super::start(&cfg).await,
+            Err(TunnelError::Bind { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn no_peers_is_refused() {
         let (private, _) = key_pair();
@@ -726,9 +811,9 @@ mod tests {
 
         // A spoofed inner source first: it must not arrive.
         let spoofed = ipv4_udp(Ipv4Addr::new(10, 0, 0, 3), outside, b"spoofed");
-        client.outgoing.try_send(spoofed).unwrap();
+        client.outgoing[0].try_send(spoofed).unwrap();
         let request = ipv4_udp(client_ip, outside, b"request");
-        client.outgoing.try_send(request.clone()).unwrap();
+        client.outgoing[0].try_send(request.clone()).unwrap();
         let got = tokio::time::timeout(wait, server.incoming[0].recv())
             .await
             .expect("packet through the tunnel")
@@ -737,12 +822,84 @@ mod tests {
 
         // The server learned the client's endpoint from the handshake.
         let reply = ipv4_udp(outside, client_ip, b"reply");
-        server.outgoing.try_send(reply.clone()).unwrap();
+        server.outgoing[0].try_send(reply.clone()).unwrap();
         let got = tokio::time::timeout(wait, client.incoming[0].recv())
             .await
             .expect("reply through the tunnel")
             .unwrap();
         assert_eq!(got, reply);
+    }
+
+    /// With two lanes the server binds two sockets on one port: packets of
+    /// two peers reach it (on the shard that owns each), and packets to
+    /// them leave through either lane.
+    #[tokio::test]
+    async fn two_lanes_share_one_port_and_serve_two_peers_both_ways() {
+        let (server_private, server_public) = key_pair();
+        let outside = Ipv4Addr::new(192, 0, 2, 1);
+        let clients: Vec<(Key, Key, Ipv4Addr)> = (2..4)
+            .map(|n| {
+                let (private, public) = key_pair();
+                (private, public, Ipv4Addr::new(10, 0, 0, n))
+            })
+            .collect();
+        let mut server_config = config(
+            server_private,
+            peer(clients[0].1, None, "10.0.0.2/32"),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        if let Transport::WireGuard { peers, .. } = &mut server_config.transport {
+            peers.push(peer(clients[1].1, None, "10.0.0.3/32"));
+        }
+        server_config.shards = 2;
+        let mut server = super::super::start(&server_config).await.unwrap();
+        assert_eq!((server.incoming.len(), server.outgoing.len()), (2, 2));
+        let port = format!(":{:04X}", server.local_addr.port());
+        let sockets = std::fs::read_to_string("/proc/net/udp")
+            .unwrap()
+            .lines()
+            .filter(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| local.ends_with(&port))
+            })
+            .count();
+        assert_eq!(sockets, 2, "one socket per receive lane");
+
+        // A second gateway on the port is refused, lanes or not.
+        let mut second = server_config.clone();
+        second.bind = server.local_addr;
+        assert!(matches!(
+            super::super::start(&second).await,
+            Err(TunnelError::Bind { .. })
+        ));
+
+        let shards = Shards::new(2);
+        let wait = Duration::from_secs(10);
+        for (lane, (private, _, ip)) in clients.iter().enumerate() {
+            let mut client = super::super::start(&config(
+                *private,
+                peer(server_public, Some(server.local_addr), "0.0.0.0/0"),
+                "127.0.0.1:0".parse().unwrap(),
+            ))
+            .await
+            .unwrap();
+            let request = ipv4_udp(*ip, outside, b"request");
+            client.outgoing[0].try_send(request.clone()).unwrap();
+            let shard = shards.of_packet(&request);
+            let got = tokio::time::timeout(wait, server.incoming[shard].recv())
+                .await
+                .expect("packet through the tunnel")
+                .unwrap();
+            assert_eq!(got, request);
+            let reply = ipv4_udp(outside, *ip, b"reply");
+            server.outgoing[lane].try_send(reply.clone()).unwrap();
+            let got = tokio::time::timeout(wait, client.incoming[0].recv())
+                .await
+                .expect("reply through the tunnel")
+                .unwrap();
+            assert_eq!(got, reply);
+        }
     }
 
     /// With an endpoint configured, we handshake at once, before the router
@@ -882,7 +1039,7 @@ mod tests {
         );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let _ = client.outgoing.try_send(packet.clone());
+            let _ = client.outgoing[0].try_send(packet.clone());
             if let Ok(Some(got)) =
                 tokio::time::timeout(Duration::from_millis(500), server.incoming[0].recv()).await
             {

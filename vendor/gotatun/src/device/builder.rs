@@ -275,12 +275,20 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
         #[cfg(not(target_os = "linux"))]
         let fwmark = None;
 
+        let mut tun_rx = self.tun_rx;
+        // wgslirpy patch: one send lane per receiver.
+        let tun_rx_lanes = tun_rx
+            .take_lanes()
+            .into_iter()
+            .map(|lane| Arc::new(Mutex::new(lane)))
+            .collect();
         let mut state = DeviceState {
             api: None,
             udp_factory: self.udp,
             tun_tx: Arc::new(Mutex::new(self.tun_tx)),
-            tun_rx_mtu: self.tun_rx.mtu(),
-            tun_rx: Arc::new(Mutex::new(self.tun_rx)),
+            tun_rx_mtu: tun_rx.mtu(),
+            tun_rx: Arc::new(Mutex::new(tun_rx)),
+            tun_rx_lanes,
             fwmark,
             key_pair: None,
             index_table: self.index_table.unwrap_or_else(IndexTable::from_os_rng),

@@ -129,6 +129,9 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// This is implemented by the task taking the lock upon startup, and holding it until it is
     /// stopped.
     tun_rx: Arc<Mutex<T::IpRecv>>,
+    /// wgslirpy patch: the receivers of further send lanes
+    /// (`IpRecv::take_lanes`), held the same way.
+    tun_rx_lanes: Vec<Arc<Mutex<T::IpRecv>>>,
 
     /// MTU watcher of the TUN device.
     tun_rx_mtu: MtuWatcher,
@@ -166,14 +169,16 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
 pub(crate) struct Connection<T: DeviceTransports> {
     udp: <T::UdpTransportFactory as UdpTransportFactory>::Send,
 
-    /// The task that reads IPv4 traffic from the UDP socket.
-    incoming: Task,
+    /// The tasks that read traffic from the UDP sockets (wgslirpy patch:
+    /// one per receive lane).
+    incoming: Vec<Task>,
 
     /// The task that handles keepalives/heartbeats/etc.
     timers: Task,
 
-    /// The task that reads traffic from the TUN device.
-    outgoing: Task,
+    /// The tasks that read traffic from the TUN device (wgslirpy patch: one
+    /// per send lane).
+    outgoing: Vec<Task>,
 }
 
 impl<T: DeviceTransports> Connection<T> {
@@ -202,6 +207,19 @@ impl<T: DeviceTransports> Connection<T> {
         // Remember the bound port in case it was 0
         if let Some(addr) = udp_tx.local_addr()? {
             device.port = addr.port();
+        }
+
+        // wgslirpy patch: further receive lanes, each with a socket on the
+        // same port and a sender of its own.
+        let lane_senders: Vec<T::IpSend> = {
+            let tun_tx = device.tun_tx.lock().await;
+            (1..device.udp_factory.lanes().max(1))
+                .map_while(|_| tun_tx.lane())
+                .collect()
+        };
+        let mut lane_sockets = Vec::new();
+        for _ in &lane_senders {
+            lane_sockets.push(device.open_listen_socket().await?);
         }
 
         // wgslirpy patch: no buffering tasks between the UDP socket, the
@@ -234,32 +252,52 @@ impl<T: DeviceTransports> Connection<T> {
             })
         };
 
-        // Start device tasks
-        let outgoing = Task::spawn(
-            "handle_outgoing",
-            DeviceState::handle_outgoing(
-                Arc::downgrade(&device_arc),
-                ip_rx,
-                udp_tx.clone(),
-                pool.clone(),
-            )
-            .map_err(register_fatal_error.clone()),
-        );
+        // Start device tasks (wgslirpy patch: one per lane; send lane `i`
+        // sends from receive lane `i`'s socket, modulo their number).
+        let senders: Vec<_> = std::iter::once(udp_tx.clone())
+            .chain(lane_sockets.iter().map(|(tx, _)| tx.clone()))
+            .collect();
+        let outgoing = std::iter::once(ip_rx)
+            .chain(device.tun_rx_lanes.iter().map(Arc::clone))
+            .enumerate()
+            .map(|(lane, ip_rx)| {
+                Task::spawn(
+                    "handle_outgoing",
+                    DeviceState::handle_outgoing(
+                        Arc::downgrade(&device_arc),
+                        ip_rx,
+                        senders[lane % senders.len()].clone(),
+                        pool.clone(),
+                    )
+                    .map_err(register_fatal_error.clone()),
+                )
+            })
+            .collect();
         let timers = Task::spawn(
             "handle_timers",
             DeviceState::handle_timers(Arc::downgrade(&device_arc), udp_tx.clone()),
         );
-        let incoming = Task::spawn(
-            "handle_incoming",
-            DeviceState::handle_incoming(
-                Arc::downgrade(&device_arc),
-                ip_tx,
-                udp_tx.clone(),
-                udp_rx,
-                pool.clone(),
-            )
-            .map_err(register_fatal_error.clone()),
+        let lanes = std::iter::once((ip_tx, udp_tx.clone(), udp_rx)).chain(
+            lane_senders
+                .into_iter()
+                .zip(lane_sockets)
+                .map(|(ip_tx, (tx, rx))| (Arc::new(Mutex::new(ip_tx)), tx, rx)),
         );
+        let incoming = lanes
+            .map(|(ip_tx, udp_tx, udp_rx)| {
+                Task::spawn(
+                    "handle_incoming",
+                    DeviceState::handle_incoming(
+                        Arc::downgrade(&device_arc),
+                        ip_tx,
+                        udp_tx,
+                        udp_rx,
+                        pool.clone(),
+                    )
+                    .map_err(register_fatal_error.clone()),
+                )
+            })
+            .collect();
 
         debug_assert!(device.connection.is_none());
         device.connection = Some(Connection {
@@ -986,6 +1024,8 @@ impl<T: DeviceTransports> Connection<T> {
         } = self;
         drop(udp);
 
-        join!(incoming.stop(), timers.stop(), outgoing.stop(),);
+        let stop_all =
+            |tasks: Vec<Task>| futures::future::join_all(tasks.into_iter().map(Task::stop));
+        join!(stop_all(incoming), timers.stop(), stop_all(outgoing),);
     }
 }

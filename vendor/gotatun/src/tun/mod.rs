@@ -41,6 +41,16 @@ pub trait IpSend: Send + Sync + 'static {
     /// Send a complete IP packet.
     // TODO: consider refactoring trait with methods that take `Packet<Ipv4>` and `Packet<Ipv6>`
     fn send(&mut self, packet: Packet<Ip>) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// wgslirpy patch: another sender into the same place, for a further
+    /// receive lane (see `UdpTransportFactory::lanes`). `None` (the
+    /// default): no further receive lanes.
+    fn lane(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 /// A type that let's you receive an IP packet.
@@ -60,6 +70,17 @@ pub trait IpRecv: Send + Sync + 'static {
     /// The maximum transfer unit is the max size of packets returned from [`IpRecv::recv`].
     /// Don't rely on this being true though. Since the MTU might change, it is inherently racey.
     fn mtu(&self) -> MtuWatcher;
+
+    /// wgslirpy patch: receivers for further send lanes, taken once when
+    /// the device is built; each is read by a send task of its own, so that
+    /// packets for different peers are encrypted in parallel. The packets
+    /// of one flow should all come out of one lane, to keep their order.
+    fn take_lanes(&mut self) -> Vec<Self>
+    where
+        Self: Sized,
+    {
+        Vec::new()
+    }
 }
 
 /// This watches for MTU changes on an [`IpRecv`] (e.g. a TUN device).

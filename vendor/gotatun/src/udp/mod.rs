@@ -44,6 +44,15 @@ pub trait UdpTransportFactory: Send + Sync + 'static {
         &mut self,
         params: &UdpTransportFactoryParams,
     ) -> impl Future<Output = io::Result<(Self::Send, Self::Recv)>> + Send;
+
+    /// wgslirpy patch: how many sockets to bind on the one port, each read
+    /// by a receive task of its own, so that packets from different peers
+    /// are decrypted in parallel. With more than one, every `bind` must let
+    /// the sockets share the port (`SO_REUSEPORT`): the kernel then keeps
+    /// each sender on one socket, so one peer's packets stay in order.
+    fn lanes(&self) -> usize {
+        1
+    }
 }
 
 /// Arguments to [`UdpTransportFactory::bind`].

@@ -61,6 +61,7 @@ impl UdpTransportFactory for UdpSocketFactory {
             recv_buffer_size: self.recv_buffer_size,
             send_buffer_size: self.send_buffer_size,
             only_v6,
+            reuse_port: false,
         };
 
         let addr = params.addr.unwrap_or(Ipv6Addr::UNSPECIFIED.into());
@@ -100,6 +101,9 @@ pub struct SockOpt {
     pub send_buffer_size: Option<usize>,
     /// If `Some`, set `IPV6_V6ONLY` on the socket.
     pub only_v6: Option<bool>,
+    /// wgslirpy patch: set `SO_REUSEPORT`, so that the sockets of several
+    /// receive lanes share one port (see `UdpTransportFactory::lanes`).
+    pub reuse_port: bool,
 }
 
 impl UdpSocket {
@@ -128,6 +132,10 @@ impl UdpSocket {
         #[cfg(target_os = "linux")]
         if let Some(mark) = opts.fwmark {
             udp_sock.set_mark(mark)?;
+        }
+        #[cfg(unix)]
+        if opts.reuse_port {
+            udp_sock.set_reuse_port(true)?;
         }
         // Failing to set buffer sizes is not a fatal error - the tunnel will most likely work just
         // fine, even if not as performant as possible. In that case it is still a good idea to
