@@ -4,12 +4,15 @@
 use std::time::Duration;
 
 use super::packet::TcpSegment;
+use super::tcp::DELAYED_ACK;
 use super::*;
 use crate::config::Transport;
 
 const PEER: &str = "10.0.2.15:40000";
 const REMOTE: &str = "198.18.2.2:80";
 const PEER_ISN: u32 = 1000;
+/// The MSS we advertise to an IPv4 peer with the default MTU.
+const MSS: usize = 1420 - 40;
 
 fn config() -> Config {
     Config::new(
@@ -719,6 +722,159 @@ fn out_of_order_segments_are_kept_and_delivered_in_order() {
     h.send_data(&data[..1000], false);
     assert_eq!(writes(&h.actions()), data);
     assert_eq!(h.segs().last().unwrap().ack, Some(start + 3000));
+}
+
+// ---- delayed ACK ---------------------------------------------------------
+
+/// Hands the host `len` more bytes of `flow` as written, as the driver
+/// reports them before it polls segments.
+fn written(h: &mut Harness, flow: FlowId, len: usize) {
+    h.actions();
+    h.router.handle_tcp_written(h.now, flow, len);
+}
+
+/// Full segments, each written to the host before the next one comes (the
+/// driver's order): every second one is acknowledged at once, the others
+/// not at all, and the window's opening by the writes adds no ACK of its
+/// own while the window is wide open. The same for a peer whose segments
+/// are shorter than our MSS (its tunnel's MTU is 1280).
+#[test]
+fn every_second_full_segment_is_acked_at_once() {
+    for len in [MSS, 1240] {
+        let mut h = Harness::new(&config());
+        let (flow, _) = h.establish();
+        for i in 0..6 {
+            h.send_data(&pattern(len), false);
+            written(&mut h, flow, len);
+            let segs = h.segs();
+            if i % 2 == 0 {
+                assert_eq!(segs, vec![], "{len}-byte segment {i} waits for the next");
+            } else {
+                assert_eq!(segs.len(), 1, "{len}-byte segment {i}: {segs:?}");
+                assert_eq!(segs[0].ack, Some(h.seq));
+                assert_eq!(segs[0].window, 65535);
+            }
+        }
+        h.advance(DELAYED_ACK * 10);
+        assert_eq!(h.segs(), vec![], "nothing was left waiting");
+    }
+}
+
+/// A lone full segment is acknowledged when [`DELAYED_ACK`] is up, a
+/// deadline that `poll_timeout` reports; nothing follows.
+#[test]
+fn a_lone_segment_is_acked_when_the_delay_is_up() {
+    let mut h = Harness::new(&config());
+    let (flow, _) = h.establish();
+    let arrived = h.now;
+    h.send_data(&pattern(MSS), false);
+    written(&mut h, flow, MSS);
+    assert_eq!(h.segs(), vec![]);
+    assert_eq!(h.router.poll_timeout(), Some(arrived + DELAYED_ACK));
+    h.advance(DELAYED_ACK - Duration::from_micros(1));
+    assert_eq!(h.segs(), vec![]);
+    h.advance(Duration::from_micros(1));
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(h.seq));
+    assert!(segs[0].payload.is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.segs(), vec![]);
+}
+
+/// The delay counts from the first segment waiting, not the last: here a
+/// peer whose full segments are 600 bytes sends two, which make less than
+/// one of our full segments.
+#[test]
+fn the_delay_counts_from_the_first_segment_waiting() {
+    let mut h = Harness::new(&config());
+    let (flow, _) = h.establish();
+    let first = h.now;
+    h.send_data(&pattern(600), false);
+    written(&mut h, flow, 600);
+    h.advance(DELAYED_ACK / 2);
+    h.send_data(&pattern(600), false);
+    written(&mut h, flow, 600);
+    assert_eq!(h.segs(), vec![]);
+    assert_eq!(h.router.poll_timeout(), Some(first + DELAYED_ACK));
+    h.advance(DELAYED_ACK / 2);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(h.seq));
+}
+
+/// A short segment ends a write, and the peer may hold its next small one
+/// (Nagle) until this is acknowledged: at once, and with it whatever was
+/// waiting.
+#[test]
+fn a_short_segment_is_acked_at_once() {
+    let mut h = Harness::new(&config());
+    h.establish();
+    h.send_data(b"GET /1 HTTP/1.1\r\n", false);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(h.seq));
+    h.send_data(&pattern(MSS), false);
+    assert_eq!(h.segs(), vec![]);
+    h.send_data(&pattern(100), false);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(h.seq));
+}
+
+/// The host's answer within the delay carries the ACK: one segment, and
+/// the timer finds nothing left to send.
+#[test]
+fn an_answer_from_the_host_carries_the_delayed_ack() {
+    let mut h = Harness::new(&config());
+    let (flow, first) = h.establish();
+    h.send_data(&pattern(MSS), false);
+    written(&mut h, flow, MSS);
+    assert_eq!(h.segs(), vec![]);
+    h.router.handle_tcp_data(h.now, flow, b"reply");
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!((segs[0].seq, segs[0].ack), (first, Some(h.seq)));
+    assert_eq!(segs[0].payload, b"reply");
+    h.advance(DELAYED_ACK * 10);
+    assert_eq!(h.segs(), vec![], "no ACK of its own");
+}
+
+/// The peer's FIN is acknowledged at once, and with it the data before it
+/// whose ACK was waiting.
+#[test]
+fn a_fin_is_acked_at_once() {
+    let mut h = Harness::new(&config());
+    h.establish();
+    h.send_data(&pattern(MSS), false);
+    assert_eq!(h.segs(), vec![]);
+    h.send_data(b"", true);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(PEER_ISN + 1 + MSS as u32 + 1));
+}
+
+/// A segment that fills only part of a hole, or repeats bytes we had, is
+/// acknowledged at once, however short: the peer is recovering a loss.
+#[test]
+fn filling_part_of_a_hole_or_repeating_bytes_is_acked_at_once() {
+    let mut h = Harness::new(&config());
+    h.establish();
+    let start = h.seq;
+    h.seq = start + 200;
+    h.send_data(&pattern(100), false);
+    assert_eq!(h.segs().len(), 1, "a duplicate ACK");
+    h.seq = start;
+    h.send_data(&pattern(100), false);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(start + 100));
+    // Bytes 50..150: half of them repeated.
+    h.seq = start + 50;
+    h.send_data(&pattern(100), false);
+    let segs = h.segs();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert_eq!(segs[0].ack, Some(start + 150));
 }
 
 #[test]

@@ -109,6 +109,7 @@ impl Conn {
         self.irs = seg.seq;
         self.rcv_nxt = seg.seq.wrapping_add(1);
         self.adv_edge = self.rcv_nxt;
+        self.rcv_acked = self.rcv_nxt;
         match seg.wscale {
             Some(ws) => self.peer_wscale = ws.min(14),
             None => {

@@ -86,11 +86,14 @@ impl Conn {
         }
     }
 
-    /// A segment carrying our current ACK and window.
+    /// A segment carrying our current ACK and window: whatever ACK was
+    /// due or delayed is sent with it.
     pub(super) fn header(&mut self, settings: &Settings, seq: u32) -> TcpSegment<'static> {
         let window = self.advertised_window(settings);
         self.adv_edge = self.rcv_nxt.wrapping_add(window);
+        self.rcv_acked = self.rcv_nxt;
         self.ack_due = false;
+        self.delayed_ack_at = None;
         TcpSegment {
             seq,
             ack: Some(self.rcv_nxt),
