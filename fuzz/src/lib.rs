@@ -14,6 +14,7 @@ use libwgslirpy::config::{Key, PeerConfig, Transport};
 use libwgslirpy::core::dns::{DnsClient, DnsOutcome, DnsServer};
 use libwgslirpy::core::fragment::Reassembler;
 use libwgslirpy::core::packet::{self, IcmpError, TcpSegment};
+use libwgslirpy::core::shard::Shards;
 use libwgslirpy::core::{ConnectError, FlowId, PeerId, Router, SocketAction, Stats};
 
 /// `packet::parse`, and the ICMP error builder that quotes a packet.
@@ -145,6 +146,10 @@ pub fn router_packet(data: &[u8]) {
     assert_within_limits(&router, &config);
 }
 
+/// The shards of [`router_sequence`]'s gateway: its router is the first of
+/// two, so that fragments reassembled for the other are handed on.
+const SHARDS: Shards = Shards::new(2);
+
 /// Flows the router asked the driver to open, for socket events.
 #[derive(Default)]
 struct Flows {
@@ -171,6 +176,10 @@ impl Flows {
             outputs += 1;
             assert!(outputs < 10_000, "unbounded output for one input");
         }
+        // The router is shard 0 of 2: what it hands on is shard 1's.
+        while let Some((shard, packet)) = router.poll_reroute() {
+            assert_eq!((shard, SHARDS.of_packet(&packet)), (1, 1));
+        }
     }
 }
 
@@ -185,8 +194,8 @@ fn push(list: &mut Vec<FlowId>, flow: FlowId) {
 /// few bytes so that checksums are right and TCP state is reachable),
 /// socket events for the flows it opened, and time passing.
 pub fn router_sequence(data: &[u8]) {
-    let config = config();
-    let mut router = Router::with_secret(&config, [7; 16]);
+    let config = SHARDS.config_for_each(&config());
+    let mut router = Router::with_secret(&config, [7; 16]).in_shard(0, SHARDS);
     let mut now = Instant::now();
     let mut flows = Flows::default();
     let mut input = Input(data);

@@ -56,9 +56,9 @@ impl Default for Shards {
 
 impl Shards {
     /// `count` shards (at least one).
-    pub fn new(count: usize) -> Self {
+    pub const fn new(count: usize) -> Self {
         Shards {
-            count: count.max(1),
+            count: if count == 0 { 1 } else { count },
         }
     }
 

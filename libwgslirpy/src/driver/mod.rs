@@ -543,9 +543,16 @@ impl Driver {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     self.lanes.send_held(permit);
                 }
-                () = timer => self.router.handle_timeout(Instant::now()),
+                // Handled below.
+                () = timer => {}
                 _ = host_check.tick() => self.check_host_addresses(),
                 Some(request) = self.control.recv() => self.handle_request(request),
+            }
+            // Whichever branch woke the task: a tunnel that is never empty
+            // must not hold back the router's timers (RTOs, delayed ACKs).
+            let now = Instant::now();
+            if deadline.is_some_and(|at| at <= now) {
+                self.router.handle_timeout(now);
             }
             self.drain()?;
         }
