@@ -252,8 +252,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Routers that the flows are spread over, each on a task of its own
     /// with its own host sockets, so that they run on several threads at
-    /// once ([`crate::core::shard`]); 0 counts as 1. The CLI sets it to its
-    /// worker thread count (`--threads`).
+    /// once ([`crate::core::shard`]), and encryption lanes, each a receive
+    /// and a send task of the tunnel: 1 to [`MAX_SHARDS`]. The CLI sets it
+    /// to its worker thread count (`--threads`).
     pub shards: usize,
 }
 
@@ -262,6 +263,10 @@ pub const MIN_MTU: u16 = 1280;
 
 /// Smallest tunnel socket buffer accepted: a few packets' worth.
 pub const MIN_TUNNEL_SOCKET_BUFFER: usize = 8192;
+
+/// Most router shards (and encryption lanes) accepted, as `--threads`
+/// takes at most.
+pub const MAX_SHARDS: usize = 1024;
 
 /// Largest tunnel socket buffer accepted: the kernel takes the size as a C
 /// `int` and doubles it.
@@ -332,6 +337,12 @@ impl Config {
                     "{} is outside {MIN_TUNNEL_SOCKET_BUFFER}–{MAX_TUNNEL_SOCKET_BUFFER}",
                     self.tunnel_socket_buffer
                 ),
+            });
+        }
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            return Err(ConfigError::OutOfRange {
+                setting: "--threads",
+                why: format!("{} is outside 1–{MAX_SHARDS}", self.shards),
             });
         }
         if self.max_udp_flows == 0 {
@@ -511,5 +522,31 @@ mod tests {
         );
         c.mtu = 500;
         assert!(c.validate().unwrap_err().to_string().starts_with("--mtu"));
+    }
+
+    #[test]
+    fn validate_takes_1_to_max_shards() {
+        let mut c = Config::new(
+            Transport::RawIp {
+                peer_endpoint: None,
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        for (shards, ok) in [
+            (0, false),
+            (1, true),
+            (MAX_SHARDS, true),
+            (MAX_SHARDS + 1, false),
+        ] {
+            c.shards = shards;
+            assert_eq!(c.validate().is_ok(), ok, "{shards}");
+        }
+        c.shards = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--threads")
+        );
     }
 }

@@ -348,10 +348,13 @@ impl GatewayArgs {
         Ok(config)
     }
 
-    /// The worker thread count: `--threads`, else the available cores.
+    /// The worker thread count: `--threads`, else the available cores (at
+    /// most as many as `--threads` takes).
     pub fn worker_threads(&self) -> usize {
         self.threads.map(usize::from).unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(libwgslirpy::config::MAX_SHARDS)
         })
     }
 

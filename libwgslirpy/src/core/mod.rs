@@ -52,6 +52,16 @@
 //! flood can neither evict nor refuse another peer's flows
 //! ([`flows`], [`stats`]).
 
+/// Adds every field of `$other` to the same field of `$self`. The fields
+/// are named in a destructuring pattern without `..`, so a field added to
+/// the type and not here is a compile error, not a count left out.
+macro_rules! add_each_field {
+    ($self:ident, $other:ident, $type:ident { $($field:ident),* $(,)? }) => {
+        let $type { $($field),* } = *$other;
+        $($self.$field += $field;)*
+    };
+}
+
 pub mod dns;
 pub mod dns_tcp;
 pub mod flows;

@@ -59,16 +59,16 @@ pub struct PeerCounters {
 impl PeerCounters {
     /// Adds `other`'s counts to these, for the shards of one gateway.
     pub fn add(&mut self, other: &PeerCounters) {
-        let PeerCounters {
-            packets_from,
-            bytes_from,
-            packets_to,
-            bytes_to,
-        } = *other;
-        self.packets_from += packets_from;
-        self.bytes_from += bytes_from;
-        self.packets_to += packets_to;
-        self.bytes_to += bytes_to;
+        add_each_field!(
+            self,
+            other,
+            PeerCounters {
+                packets_from,
+                bytes_from,
+                packets_to,
+                bytes_to
+            }
+        );
     }
 }
 

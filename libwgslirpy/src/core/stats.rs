@@ -146,114 +146,65 @@ impl Stats {
     /// shards of one gateway). Every field is named, so a new counter
     /// cannot be left out.
     pub fn add(&mut self, other: &Stats) {
-        let Stats {
-            packets_in,
-            packets_out,
-            dropped_malformed,
-            dropped_unsupported,
-            dropped_too_big,
-            dropped_queue_full,
-            echo_replies,
-            udp_flows_opened,
-            udp_flows_evicted,
-            udp_flows_expired,
-            dns_queries,
-            dns_dropped,
-            dns_errors,
-            dns_resolved,
-            dns_forwarded,
-            dns_nxdomain,
-            dns_servfail,
-            dns_timeouts,
-            dns_over_capacity,
-            dns_truncated,
-            tcp_connects,
-            tcp_connect_failures,
-            tcp_connect_timeouts,
-            tcp_established,
-            tcp_closed,
-            tcp_refused_limit,
-            tcp_pending_evicted,
-            tcp_stray_segments,
-            tcp_segments_dropped,
-            tcp_resets_sent,
-            tcp_retransmits,
-            tcp_fast_retransmits,
-            tcp_retransmit_timeouts,
-            tcp_idle_closed,
-            icmp_ids_opened,
-            icmp_ids_evicted,
-            echo_replies_forwarded,
-            forward_datagrams_in,
-            forward_datagrams_out,
-            dropped_forward,
-            tcp_forward_accepted,
-            tcp_forward_dropped,
-            tcp_forward_refused,
-            tcp_forward_timeouts,
-            udp_errors_relayed,
-            dropped_policy,
-            dropped_fragments,
-            datagrams_reassembled,
-            packets_fragmented,
-            dropped_no_peer,
-            peer_flows_closed,
-            dropped_shutdown,
-            flows_closed_at_shutdown,
-        } = *other;
-        self.packets_in += packets_in;
-        self.packets_out += packets_out;
-        self.dropped_malformed += dropped_malformed;
-        self.dropped_unsupported += dropped_unsupported;
-        self.dropped_too_big += dropped_too_big;
-        self.dropped_queue_full += dropped_queue_full;
-        self.echo_replies += echo_replies;
-        self.udp_flows_opened += udp_flows_opened;
-        self.udp_flows_evicted += udp_flows_evicted;
-        self.udp_flows_expired += udp_flows_expired;
-        self.dns_queries += dns_queries;
-        self.dns_dropped += dns_dropped;
-        self.dns_errors += dns_errors;
-        self.dns_resolved += dns_resolved;
-        self.dns_forwarded += dns_forwarded;
-        self.dns_nxdomain += dns_nxdomain;
-        self.dns_servfail += dns_servfail;
-        self.dns_timeouts += dns_timeouts;
-        self.dns_over_capacity += dns_over_capacity;
-        self.dns_truncated += dns_truncated;
-        self.tcp_connects += tcp_connects;
-        self.tcp_connect_failures += tcp_connect_failures;
-        self.tcp_connect_timeouts += tcp_connect_timeouts;
-        self.tcp_established += tcp_established;
-        self.tcp_closed += tcp_closed;
-        self.tcp_refused_limit += tcp_refused_limit;
-        self.tcp_pending_evicted += tcp_pending_evicted;
-        self.tcp_stray_segments += tcp_stray_segments;
-        self.tcp_segments_dropped += tcp_segments_dropped;
-        self.tcp_resets_sent += tcp_resets_sent;
-        self.tcp_retransmits += tcp_retransmits;
-        self.tcp_fast_retransmits += tcp_fast_retransmits;
-        self.tcp_retransmit_timeouts += tcp_retransmit_timeouts;
-        self.tcp_idle_closed += tcp_idle_closed;
-        self.icmp_ids_opened += icmp_ids_opened;
-        self.icmp_ids_evicted += icmp_ids_evicted;
-        self.echo_replies_forwarded += echo_replies_forwarded;
-        self.forward_datagrams_in += forward_datagrams_in;
-        self.forward_datagrams_out += forward_datagrams_out;
-        self.dropped_forward += dropped_forward;
-        self.tcp_forward_accepted += tcp_forward_accepted;
-        self.tcp_forward_dropped += tcp_forward_dropped;
-        self.tcp_forward_refused += tcp_forward_refused;
-        self.tcp_forward_timeouts += tcp_forward_timeouts;
-        self.udp_errors_relayed += udp_errors_relayed;
-        self.dropped_policy += dropped_policy;
-        self.dropped_fragments += dropped_fragments;
-        self.datagrams_reassembled += datagrams_reassembled;
-        self.packets_fragmented += packets_fragmented;
-        self.dropped_no_peer += dropped_no_peer;
-        self.peer_flows_closed += peer_flows_closed;
-        self.dropped_shutdown += dropped_shutdown;
-        self.flows_closed_at_shutdown += flows_closed_at_shutdown;
+        add_each_field!(
+            self,
+            other,
+            Stats {
+                packets_in,
+                packets_out,
+                dropped_malformed,
+                dropped_unsupported,
+                dropped_too_big,
+                dropped_queue_full,
+                echo_replies,
+                udp_flows_opened,
+                udp_flows_evicted,
+                udp_flows_expired,
+                dns_queries,
+                dns_dropped,
+                dns_errors,
+                dns_resolved,
+                dns_forwarded,
+                dns_nxdomain,
+                dns_servfail,
+                dns_timeouts,
+                dns_over_capacity,
+                dns_truncated,
+                tcp_connects,
+                tcp_connect_failures,
+                tcp_connect_timeouts,
+                tcp_established,
+                tcp_closed,
+                tcp_refused_limit,
+                tcp_pending_evicted,
+                tcp_stray_segments,
+                tcp_segments_dropped,
+                tcp_resets_sent,
+                tcp_retransmits,
+                tcp_fast_retransmits,
+                tcp_retransmit_timeouts,
+                tcp_idle_closed,
+                icmp_ids_opened,
+                icmp_ids_evicted,
+                echo_replies_forwarded,
+                forward_datagrams_in,
+                forward_datagrams_out,
+                dropped_forward,
+                tcp_forward_accepted,
+                tcp_forward_dropped,
+                tcp_forward_refused,
+                tcp_forward_timeouts,
+                udp_errors_relayed,
+                dropped_policy,
+                dropped_fragments,
+                datagrams_reassembled,
+                packets_fragmented,
+                dropped_no_peer,
+                peer_flows_closed,
+                dropped_shutdown,
+                flows_closed_at_shutdown
+            }
+        );
     }
 }
 
@@ -286,22 +237,19 @@ pub struct Occupancy {
 impl Occupancy {
     /// Adds `other`'s figures to these, for the shards of one gateway.
     pub fn add(&mut self, other: &Occupancy) {
-        let Occupancy {
-            udp_flows,
-            tcp_connections,
-            tcp_pending_connects,
-            icmp_ids,
-            dns_queries,
-            reassembly_bytes,
-            transmit_queue,
-        } = *other;
-        self.udp_flows += udp_flows;
-        self.tcp_connections += tcp_connections;
-        self.tcp_pending_connects += tcp_pending_connects;
-        self.icmp_ids += icmp_ids;
-        self.dns_queries += dns_queries;
-        self.reassembly_bytes += reassembly_bytes;
-        self.transmit_queue += transmit_queue;
+        add_each_field!(
+            self,
+            other,
+            Occupancy {
+                udp_flows,
+                tcp_connections,
+                tcp_pending_connects,
+                icmp_ids,
+                dns_queries,
+                reassembly_bytes,
+                transmit_queue
+            }
+        );
     }
 }
 
@@ -324,18 +272,17 @@ pub struct PeerOccupancy {
 impl PeerOccupancy {
     /// Adds `other`'s figures to these, for the shards of one gateway.
     pub fn add(&mut self, other: &PeerOccupancy) {
-        let PeerOccupancy {
-            udp_flows,
-            tcp_connections,
-            tcp_pending_connects,
-            icmp_ids,
-            dns_queries,
-        } = *other;
-        self.udp_flows += udp_flows;
-        self.tcp_connections += tcp_connections;
-        self.tcp_pending_connects += tcp_pending_connects;
-        self.icmp_ids += icmp_ids;
-        self.dns_queries += dns_queries;
+        add_each_field!(
+            self,
+            other,
+            PeerOccupancy {
+                udp_flows,
+                tcp_connections,
+                tcp_pending_connects,
+                icmp_ids,
+                dns_queries
+            }
+        );
     }
 
     /// Whether every count is within its per-peer limit in `config`.

@@ -14,11 +14,13 @@
 //! A transport hands the routers decrypted, source-checked IP packets on
 //! `incoming`, one channel per router shard, each packet to the shard that
 //! owns its flow ([`ToShards`]), and takes packets for peers on `outgoing`,
-//! one channel per encryption lane, which every shard shares: the
-//! packets of one peer all go to the same lane ([`lane_of`]), and lanes are
-//! encrypted in parallel. All channels are bounded. The router must only `try_send` on `outgoing`: when the queue is
-//! full the packet is dropped, as a full TUN queue would drop it, so a slow
-//! tunnel never stalls the router. Dropping the handle stops the transport.
+//! one channel per encryption lane, which every shard shares: the packets
+//! of one peer all go to the same lane ([`lane_of`]), and lanes are
+//! encrypted in parallel. All channels are bounded. A router task never
+//! awaits room in a lane while it has other work: a packet whose lane is
+//! full waits in the router's bounded queue, which drops what does not fit,
+//! as a full TUN queue would, so a slow tunnel never stalls the router.
+//! Dropping the handle stops the transport.
 
 pub mod rawip;
 mod socket_buffers;
@@ -50,7 +52,8 @@ pub struct TunnelHandle {
     pub to_shards: Vec<mpsc::WeakSender<IpPacket>>,
     /// Packets for peers, one channel per encryption lane
     /// (`config.shards` of them); put each peer's packets on
-    /// [`lane_of`] that peer. Use `try_send` and drop on a full queue.
+    /// [`lane_of`] that peer, and never wait for room where it stalls
+    /// other work.
     pub outgoing: Vec<mpsc::Sender<IpPacket>>,
     /// The local address of the tunnel's UDP socket.
     pub local_addr: SocketAddr,
@@ -96,8 +99,8 @@ pub(crate) struct ToShards {
 }
 
 impl ToShards {
-    /// One channel of `capacity` packets per shard of `config`, and their
-    /// receiving ends in shard order.
+    /// One channel of `--transmit-queue-capacity` packets per shard of
+    /// `config`, and their receiving ends in shard order.
     fn channels(config: &Config) -> (Self, Vec<mpsc::Receiver<IpPacket>>) {
         let shards = Shards::new(config.shards);
         let capacity = config.transmit_queue_capacity.max(1);
