@@ -608,7 +608,8 @@ struct ExactBind {
     buffer: usize,
     /// Receive lanes: sockets per port.
     lanes: usize,
-    /// Sockets bound so far: the device binds them `lanes` at a time.
+    /// Sockets bound since the last failure: the device binds them `lanes`
+    /// at a time, so a multiple of `lanes` starts a set.
     binds: usize,
 }
 
@@ -648,12 +649,15 @@ impl UdpTransportFactory for ExactBind {
         let mut port = params.port;
         if self.lanes > 1 {
             if self.binds.is_multiple_of(self.lanes) {
-                port = self.probe(port, options)?;
+                port = self.probe(port, options).inspect_err(|_| self.binds = 0)?;
             }
             options.reuse_port = true;
         }
+        // A failed bind fails the device's whole set, whose sockets are then
+        // dropped: the next set starts over, with a probe.
+        let socket = UdpSocket::bind(SocketAddr::new(self.ip, port), options)
+            .inspect_err(|_| self.binds = 0)?;
         self.binds += 1;
-        let socket = UdpSocket::bind(SocketAddr::new(self.ip, port), options)?;
         super::socket_buffers::request(&socket, self.buffer);
         if let Err(error) = socket.enable_udp_gro() {
             tracing::debug!(%error, "UDP GRO unavailable");
