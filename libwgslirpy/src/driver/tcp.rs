@@ -19,7 +19,10 @@
 //!
 //! - Writes: what the socket does not take stays in the flow's pending list
 //!   (bounded by the core's `--tcp-buffer-size`), and the flow waits for
-//!   writability.
+//!   writability. The bytes come as views of the packets from the tunnel,
+//!   whose buffers (4 KiB, for 1.4 KB of data) the tunnel's pool takes
+//!   back once nothing views them; what has to wait is copied out once
+//!   ([`Pending::keep`]), so a blocked socket holds its bytes, not buffers.
 //! - Reads: only while the core has granted credit
 //!   ([`SocketAction::TcpRead`]), so a slow peer leaves the bytes in the
 //!   kernel and the host's sender blocks. One read of at most [`MAX_READ`]
@@ -71,7 +74,7 @@ struct Flow {
     waker: SocketWaker,
     connecting: bool,
     /// Bytes to write, in order.
-    pending: VecDeque<Bytes>,
+    pending: Pending,
     /// Bytes the core lets us read.
     credit: usize,
     /// False once the host side's end of stream was read.
@@ -150,7 +153,7 @@ impl TcpSockets {
                 stream,
                 waker: self.due.waker(flow),
                 connecting,
-                pending: VecDeque::new(),
+                pending: Pending::default(),
                 credit: 0,
                 reading: true,
                 shutdown: false,
@@ -178,7 +181,7 @@ impl TcpSockets {
     /// Queues `data` for the socket of `flow`.
     pub(super) fn write(&mut self, flow: FlowId, data: Bytes) {
         if let Some(f) = self.flows.get_mut(&flow) {
-            f.pending.push_back(data);
+            f.pending.bytes.push_back(data);
             self.due.push(flow);
         }
     }
@@ -278,16 +281,17 @@ fn move_bytes(
     flow: FlowId,
     report: &mut impl FnMut(FlowId, TcpEvent<'_>),
 ) -> io::Result<bool> {
-    if !f.pending.is_empty() {
+    if !f.pending.bytes.is_empty() {
         let written = write_pending(&f.stream, &mut f.pending, cx)?;
         if written > 0 {
             report(flow, TcpEvent::Written(written));
         }
-        if f.pending.is_empty() && f.pending.capacity() > 4 {
-            f.pending = VecDeque::new();
+        if f.pending.bytes.is_empty() && f.pending.bytes.capacity() > 4 {
+            f.pending = Pending::default();
         }
+        f.pending.keep();
     }
-    if f.shutdown && f.pending.is_empty() {
+    if f.shutdown && f.pending.bytes.is_empty() {
         f.shutdown = false;
         if let Err(error) = SockRef::from(&f.stream).shutdown(std::net::Shutdown::Write) {
             tracing::debug!(flow = flow.0, %error, "TCP shutdown failed");
@@ -374,18 +378,46 @@ fn poll_connect(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>
     }
 }
 
+/// The bytes waiting for a socket to take them.
+#[derive(Default)]
+struct Pending {
+    /// In stream order.
+    bytes: VecDeque<Bytes>,
+    /// How many of the first are copies of our own ([`Pending::keep`]).
+    kept: usize,
+}
+
+impl Pending {
+    /// Copies out what waits and is not yet a copy, once: a view would keep
+    /// a whole packet buffer of the tunnel's pool alive while the socket is
+    /// blocked. Bytes that the socket takes in the wake-up that brought them
+    /// are never copied.
+    fn keep(&mut self) {
+        for bytes in self.bytes.iter_mut().skip(self.kept) {
+            *bytes = Bytes::copy_from_slice(bytes);
+        }
+        self.kept = self.bytes.len();
+    }
+
+    /// Drops the first entry, written.
+    fn pop_front(&mut self) {
+        self.bytes.pop_front();
+        self.kept = self.kept.saturating_sub(1);
+    }
+}
+
 /// Writes as much of `pending` as the socket takes; registers `cx` for
 /// writability if some is left. Returns the bytes written.
 fn write_pending(
     stream: &TcpStream,
-    pending: &mut VecDeque<Bytes>,
+    pending: &mut Pending,
     cx: &mut Context<'_>,
 ) -> io::Result<usize> {
     let mut total = 0;
-    while !pending.is_empty() {
+    while !pending.bytes.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_IOV];
         let mut count = 0;
-        for (slot, bytes) in slices.iter_mut().zip(pending.iter()) {
+        for (slot, bytes) in slices.iter_mut().zip(pending.bytes.iter()) {
             *slot = IoSlice::new(bytes);
             count += 1;
         }
@@ -403,7 +435,7 @@ fn write_pending(
         };
         total += n;
         while n > 0 {
-            let Some(front) = pending.front_mut() else {
+            let Some(front) = pending.bytes.front_mut() else {
                 break;
             };
             if n >= front.len() {
@@ -443,6 +475,25 @@ fn read_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waiting bytes are copied out of the packet they view, each once.
+    #[test]
+    fn what_waits_is_copied_out_once() {
+        let packet = Bytes::from(vec![7u8; 4096]);
+        let inside = |bytes: &Bytes| packet.as_ptr_range().contains(&bytes.as_ptr());
+        let mut pending = Pending::default();
+        pending.bytes.push_back(packet.slice(100..1500));
+        pending.keep();
+        assert!(!inside(&pending.bytes[0]));
+        let kept = pending.bytes[0].as_ptr();
+        pending.bytes.push_back(packet.slice(1500..2900));
+        pending.keep();
+        assert_eq!(pending.bytes[0].as_ptr(), kept, "copied once");
+        assert!(!inside(&pending.bytes[1]));
+        assert_eq!(&pending.bytes[1][..], &packet[1500..2900]);
+        pending.pop_front();
+        assert_eq!(pending.kept, 1);
+    }
 
     /// Services the sockets until `want` events arrived, waiting for the
     /// reactor in between.

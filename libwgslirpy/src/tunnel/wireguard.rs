@@ -30,8 +30,8 @@
 //!
 //! Costs: per batch, a device read lock (the patched device has no
 //! buffering tasks of its own, `vendor/gotatun/PATCHED.md`); per packet, a
-//! per-peer tokio mutex, one hop over our channel, and one copy into a fresh
-//! [`BytesMut`] on the way in. On the way out a packet is sealed in its own
+//! per-peer tokio mutex and one hop over our channel; on the way in the
+//! packet stays in gotatun's pooled buffer, no copy. On the way out a packet is sealed in its own
 //! buffer, which the router builds with room for WireGuard's header, padding
 //! and tag ([`TRANSPORT_TAILROOM`]). The device logs through `tracing`
 //! itself (peer added, task errors; a warning per packet with a disallowed
@@ -45,7 +45,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use gotatun::device::{self, Device, Peer};
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
@@ -513,10 +512,14 @@ impl IpSend for ToRouter {
         Some(ToRouter(self.0.clone()))
     }
 
-    /// Copies the packet out of gotatun's pooled buffer (so the buffer goes
-    /// back to the pool) and waits for room in its shard's channel.
+    /// Hands the packet over in gotatun's pooled buffer itself, without a
+    /// copy, and waits for room in its shard's channel. The pool takes the
+    /// buffer back for reuse once the router has dropped it (the router and
+    /// driver copy what they keep for longer: out-of-order segments, and
+    /// bytes a host socket did not take); until then the pool allocates
+    /// another.
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
-        let bytes = BytesMut::from(&packet.into_bytes()[..]);
+        let bytes = std::mem::take(packet.into_bytes().buf_mut());
         tracing::trace!(len = bytes.len(), "packet from peer");
         self.0
             .send(bytes)
@@ -699,7 +702,7 @@ mod tests {
     }
 
     /// An IPv4/UDP packet from `src` to `dst` carrying `payload`.
-    fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> BytesMut {
+    fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> bytes::BytesMut {
         let (src, dst) = (SocketAddr::from((src, 1234)), SocketAddr::from((dst, 5678)));
         crate::core::packet::build_udp(src, dst, payload).expect("small IPv4 packet")
     }

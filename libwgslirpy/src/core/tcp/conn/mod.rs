@@ -834,7 +834,9 @@ impl Conn {
             }
         }
         if offset > 0 {
-            self.store_ooo(seq, packet::share(seg.packet, data), fin, ctx);
+            // Copied: it may wait long, and the packet's buffer goes back
+            // to the tunnel's pool only once nothing views it.
+            self.store_ooo(seq, Bytes::copy_from_slice(data), fin, ctx);
             self.owe_ack(ctx);
             return;
         }
