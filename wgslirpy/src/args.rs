@@ -587,6 +587,15 @@ mod tests {
         assert_eq!(threads(&["--threads", "4"]).unwrap(), Some(4));
         assert!(threads(&["--threads", "0"]).is_err());
         assert!(threads(&["--threads", "many"]).is_err());
+        // The router shards (and encryption lanes) follow the threads.
+        let base = ["-k", PRIVATE, "-b", "127.0.0.1:9797", "-K", PEER];
+        let shards = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args).unwrap().shards
+        };
+        assert_eq!(shards(&["--threads", "3"]), 3);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(shards(&[]), cores.min(libwgslirpy::config::MAX_SHARDS));
     }
 
     #[test]

@@ -820,11 +820,17 @@ impl Router {
 
     /// A reassembled datagram that another shard owns, with that shard's
     /// index: hand it to that shard as a packet from the tunnel. Take one
-    /// only when that shard's channel has room; what waits here is bounded,
-    /// and a datagram beyond that is dropped and counted in
+    /// only when that shard's channel has room ([`Router::reroute_target`]
+    /// says which shard the next is for); what waits here is bounded, and a
+    /// datagram beyond that is dropped and counted in
     /// [`Stats::dropped_fragments`].
     pub fn poll_reroute(&mut self) -> Option<(usize, BytesMut)> {
         self.rerouted.pop_front()
+    }
+
+    /// The shard that the next datagram of [`Router::poll_reroute`] is for.
+    pub fn reroute_target(&self) -> Option<usize> {
+        self.rerouted.front().map(|&(shard, _)| shard)
     }
 
     /// Queues `whole`, reassembled here, for `shard`, which counts it as a

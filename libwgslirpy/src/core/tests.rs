@@ -340,6 +340,7 @@ fn a_datagram_reassembled_in_another_shard_goes_to_its_own_and_is_counted_once()
         other.handle_packet(now, piece);
     }
     assert_eq!(actions(&mut other), vec![]);
+    assert_eq!(other.reroute_target(), Some(owner));
     let (to, rerouted) = other.poll_reroute().expect("handed on");
     assert_eq!(to, owner);
     // The same datagram (its IP header is rebuilt by the reassembler).

@@ -715,14 +715,18 @@ impl Driver {
     }
 
     /// Hands the datagrams reassembled here that other shards own to those
-    /// shards, without waiting: one whose shard's channel is full is dropped.
+    /// shards, without waiting: while the next one's shard has no room, it
+    /// waits in the router (bounded there) for a later wake-up.
     fn reroute(&mut self) {
-        while let Some((shard, packet)) = self.router.poll_reroute() {
-            let sent = self.to_shards[shard]
-                .upgrade()
-                .is_some_and(|to| to.try_send(packet).is_ok());
-            if !sent {
-                tracing::debug!(shard, "reassembled datagram dropped: its shard is busy");
+        while let Some(shard) = self.router.reroute_target() {
+            let Some(to) = self.to_shards[shard].upgrade() else {
+                break;
+            };
+            let Ok(permit) = to.try_reserve() else {
+                break;
+            };
+            if let Some((_, packet)) = self.router.poll_reroute() {
+                permit.send(packet);
             }
         }
     }
