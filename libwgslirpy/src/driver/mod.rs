@@ -27,8 +27,9 @@
 //! after every wake-up and feeds the outcomes straight to the router:
 //! - TCP ([`tcp`]): connect, write, and read within the credit the router
 //!   grants. TCP data segments are made by the router only when the tunnel
-//!   has room (the loop waits for room while the router has something to
-//!   send), so TCP toward the peers is paced by the tunnel, not dropped.
+//!   has room (a packet whose lane is full is held, and the loop waits for
+//!   room in that lane before it takes another), so TCP toward the peers is
+//!   paced by the tunnel, not dropped.
 //! - UDP ([`udp`]) and ICMP echo ([`icmp`]): a bounded number of datagrams
 //!   per socket per service, into one shared buffer, and only as many as
 //!   the router's transmit queue has room for; the rest wait in the
