@@ -22,9 +22,10 @@
 //!
 //! The limits of [`Config`] are split evenly over the shards
 //! ([`Shards::config_for_each`]): each shard holds at most its share of a
-//! peer's flows, so the totals stay within the configured limits, and a peer
-//! may be refused (or lose its oldest flow) on one shard a little before it
-//! reaches its limit in all.
+//! peer's flows, the limit divided by the number of shards and rounded up,
+//! so the totals stay within the limit rounded up to a multiple of the
+//! shard count, and a peer may be refused (or lose its oldest flow) on one
+//! shard a little before it reaches its limit in all.
 
 use std::net::{IpAddr, SocketAddr};
 
