@@ -50,8 +50,9 @@ impl Lanes {
         Ok(())
     }
 
-    /// The lane that the held packet waits for, if one does: wait for its
-    /// [`mpsc::Sender::reserve`], then [`Lanes::send_held`].
+    /// The lane that the held packet waits for, if one does: wait for
+    /// [`room`] in it, then [`Lanes::send_held`]. A handle of its own, so
+    /// that waiting borrows nothing of the driver.
     pub(super) fn blocked_lane(&self) -> Option<mpsc::Sender<IpPacket>> {
         self.held
             .as_ref()
@@ -73,5 +74,16 @@ impl Lanes {
                 .senders
                 .iter()
                 .all(|lane| lane.capacity() == lane.max_capacity())
+    }
+}
+
+/// Room in `lane`, the held packet's ([`Lanes::blocked_lane`]); never
+/// ready without one.
+pub(super) async fn room(
+    lane: &Option<mpsc::Sender<IpPacket>>,
+) -> Result<mpsc::Permit<'_, IpPacket>, mpsc::error::SendError<()>> {
+    match lane {
+        Some(lane) => lane.reserve().await,
+        None => std::future::pending().await,
     }
 }

@@ -179,7 +179,8 @@ impl Gateway {
         };
         let tunnel = tunnel::start(&config).await?;
         tracing::info!(local = %tunnel.local_addr, "tunnel socket bound");
-        let (requests, control) = (0..Shards::new(config.shards).count())
+        // One per shard, as the tunnel has one incoming channel per shard.
+        let (requests, control) = (0..tunnel.incoming.len())
             .map(|_| mpsc::channel(control::CONTROL_QUEUE))
             .unzip();
         Ok(Gateway {
@@ -219,24 +220,24 @@ impl Gateway {
         raise_fd_limit();
         let handle = self.handle();
         let tunnel_control = self.tunnel.control.clone();
-        let follower_handle = handle.clone();
         let metrics = self.metrics.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "serving metrics at /metrics and /healthz");
             }
-            tokio::spawn(crate::metrics::serve(listener, handle))
+            tokio::spawn(crate::metrics::serve(listener, handle.clone()))
         });
         // `wg set` through the configuration socket changes the device's
         // peers behind the router's back; the router follows them.
-        let follower =
-            self.config.uapi_socket.is_some().then(|| {
-                tokio::spawn(follow_device_peers(follower_handle.clone(), tunnel_control))
-            });
+        let follower = self
+            .config
+            .uapi_socket
+            .is_some()
+            .then(|| tokio::spawn(follow_device_peers(handle.clone(), tunnel_control)));
         // The gateway's own senders go, so the channels close with the
         // last handle.
         drop(self.requests);
         let result = run_shards(
-            &follower_handle,
+            &handle,
             &self.config,
             self.tunnel,
             self.udp_forwards,
@@ -267,7 +268,7 @@ async fn run_shards(
     let shards = Shards::new(config.shards);
     let each = shards.config_for_each(config);
     let (events_tx, events): (Vec<_>, Vec<_>) = (0..shards.count())
-        .map(|_| mpsc::channel(each.transmit_queue_capacity.max(1)))
+        .map(|_| mpsc::channel(each.transmit_queue_capacity))
         .unzip();
     // A forward's sessions and connections live on the shard of its DEST.
     let udp_owner = |i: usize| shards.of_endpoint(config.incoming_udp[i].dest);
@@ -501,12 +502,6 @@ impl Driver {
             let deadline = self.router.poll_timeout();
             // A handle of its own, so that waiting for room borrows nothing of `self`.
             let blocked = self.lanes.blocked_lane();
-            let room = async {
-                match &blocked {
-                    Some(lane) => lane.reserve().await,
-                    None => std::future::pending().await,
-                }
-            };
             let timer = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -540,7 +535,7 @@ impl Driver {
                     if self.router.transmit_room() > 0 => {}
                 () = std::future::poll_fn(|cx| self.echo.poll_due(cx)),
                     if self.router.transmit_room() > 0 => {}
-                permit = room, if blocked.is_some() => {
+                permit = lanes::room(&blocked), if blocked.is_some() => {
                     let permit = permit.map_err(|_| RunError::TunnelClosed)?;
                     self.lanes.send_held(permit);
                 }
@@ -593,19 +588,13 @@ impl Driver {
                 break;
             }
             let blocked = self.lanes.blocked_lane();
-            let room = async {
-                match &blocked {
-                    Some(lane) => lane.reserve().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::warn!("shutting down: the tunnel did not take every last packet in time");
                     break;
                 }
-                permit = room, if blocked.is_some() => {
+                permit = lanes::room(&blocked), if blocked.is_some() => {
                     let Ok(permit) = permit else { break };
                     self.lanes.send_held(permit);
                 }

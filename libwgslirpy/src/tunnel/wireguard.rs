@@ -30,10 +30,10 @@
 //!
 //! Costs: per batch, a device read lock (the patched device has no
 //! buffering tasks of its own, `vendor/gotatun/PATCHED.md`); per packet, a
-//! per-peer tokio mutex and one hop over our channel; on the way in the
-//! packet stays in gotatun's pooled buffer, no copy. On the way out a packet is sealed in its own
-//! buffer, which the router builds with room for WireGuard's header, padding
-//! and tag ([`TRANSPORT_TAILROOM`]). The device logs through `tracing`
+//! per-peer tokio mutex and one hop over our channel. On the way in the
+//! packet stays in gotatun's pooled buffer, with no copy; on the way out it
+//! is sealed in its own buffer, which the router builds with room for
+//! WireGuard's header, padding and tag ([`TRANSPORT_TAILROOM`]). The device logs through `tracing`
 //! itself (peer added, task errors; a warning per packet with a disallowed
 //! inner source in debug builds).
 //!
@@ -57,7 +57,6 @@ use tokio::task::JoinSet;
 use super::udp_gso::GsoSocket;
 use super::{IpPacket, TunnelError, TunnelHandle};
 use crate::config::{Config, Key, PeerConfig};
-use crate::core::shard::Shards;
 
 /// Most packets handed to the device in one [`IpRecv::recv`] call.
 const MAX_BATCH: usize = 64;
@@ -142,7 +141,7 @@ pub(super) async fn start(
         .with_udp(ExactBind {
             ip: config.bind.ip(),
             buffer: config.tunnel_socket_buffer,
-            lanes: Shards::new(config.shards).count(),
+            lanes: outgoing.len(),
             binds: 0,
         })
         .with_ip_pair(
@@ -676,6 +675,7 @@ mod tests {
 
     use super::*;
     use crate::config::Transport;
+    use crate::core::shard::Shards;
 
     /// A fresh random key pair: (private, public).
     fn key_pair() -> (Key, Key) {
