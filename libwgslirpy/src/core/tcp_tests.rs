@@ -149,6 +149,14 @@ impl Harness {
             .collect()
     }
 
+    /// The one segment sent now; fails if there is not exactly one.
+    #[track_caller]
+    fn one_seg(&mut self) -> Seg {
+        let mut segs = self.segs();
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        segs.remove(0)
+    }
+
     /// Moves the clock on by `by`, running the timers on the way.
     fn advance(&mut self, by: Duration) {
         let until = self.now + by;
@@ -774,10 +782,9 @@ fn a_lone_segment_is_acked_when_the_delay_is_up() {
     h.advance(DELAYED_ACK - Duration::from_micros(1));
     assert_eq!(h.segs(), vec![]);
     h.advance(Duration::from_micros(1));
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(h.seq));
-    assert!(segs[0].payload.is_empty());
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(h.seq));
+    assert!(seg.payload.is_empty());
     h.advance(Duration::from_secs(1));
     assert_eq!(h.segs(), vec![]);
 }
@@ -798,9 +805,8 @@ fn the_delay_counts_from_the_first_segment_waiting() {
     assert_eq!(h.segs(), vec![]);
     assert_eq!(h.router.poll_timeout(), Some(first + DELAYED_ACK));
     h.advance(DELAYED_ACK / 2);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(h.seq));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(h.seq));
 }
 
 /// A short segment ends a write, and the peer may hold its next small one
@@ -811,15 +817,13 @@ fn a_short_segment_is_acked_at_once() {
     let mut h = Harness::new(&config());
     h.establish();
     h.send_data(b"GET /1 HTTP/1.1\r\n", false);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(h.seq));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(h.seq));
     h.send_data(&pattern(MSS), false);
     assert_eq!(h.segs(), vec![]);
     h.send_data(&pattern(100), false);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(h.seq));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(h.seq));
 }
 
 /// The host's answer within the delay carries the ACK: one segment, and
@@ -832,10 +836,9 @@ fn an_answer_from_the_host_carries_the_delayed_ack() {
     written(&mut h, flow, MSS);
     assert_eq!(h.segs(), vec![]);
     h.router.handle_tcp_data(h.now, flow, b"reply");
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!((segs[0].seq, segs[0].ack), (first, Some(h.seq)));
-    assert_eq!(segs[0].payload, b"reply");
+    let seg = h.one_seg();
+    assert_eq!((seg.seq, seg.ack), (first, Some(h.seq)));
+    assert_eq!(seg.payload, b"reply");
     h.advance(DELAYED_ACK * 10);
     assert_eq!(h.segs(), vec![], "no ACK of its own");
 }
@@ -849,9 +852,8 @@ fn a_fin_is_acked_at_once() {
     h.send_data(&pattern(MSS), false);
     assert_eq!(h.segs(), vec![]);
     h.send_data(b"", true);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(PEER_ISN + 1 + MSS as u32 + 1));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(PEER_ISN + 1 + MSS as u32 + 1));
 }
 
 /// A segment that fills only part of a hole, or repeats bytes we had, is
@@ -866,15 +868,13 @@ fn filling_part_of_a_hole_or_repeating_bytes_is_acked_at_once() {
     assert_eq!(h.segs().len(), 1, "a duplicate ACK");
     h.seq = start;
     h.send_data(&pattern(100), false);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(start + 100));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(start + 100));
     // Bytes 50..150: half of them repeated.
     h.seq = start + 50;
     h.send_data(&pattern(100), false);
-    let segs = h.segs();
-    assert_eq!(segs.len(), 1, "{segs:?}");
-    assert_eq!(segs[0].ack, Some(start + 150));
+    let seg = h.one_seg();
+    assert_eq!(seg.ack, Some(start + 150));
 }
 
 #[test]
