@@ -81,7 +81,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 pub use dns::{DnsOutcome, DnsQueryId};
 pub use flows::FlowId;
@@ -698,12 +698,34 @@ impl Router {
     }
 
     /// Bytes read from the socket of TCP `flow`, within the credit that
-    /// [`SocketAction::TcpRead`] granted.
+    /// [`SocketAction::TcpRead`] granted. [`Router::handle_tcp_read`] reads
+    /// them without this copy.
     pub fn handle_tcp_data(&mut self, now: Instant, flow: FlowId, data: &[u8]) {
         self.now = Some(now);
         self.tcp
             .data(now, flow, data, &mut self.actions, &mut self.stats);
         self.flush_tcp();
+    }
+
+    /// Reads from the socket of TCP `flow` straight into the connection's
+    /// send buffer: `read` gets the buffer's free room, within the credit
+    /// that [`SocketAction::TcpRead`] granted, at most `max` bytes and at
+    /// least one, and fills what it can from its start. Returns what `read`
+    /// returned, or `None` without calling it if the connection takes no
+    /// bytes now (it has no credit left, or no longer reads).
+    pub fn handle_tcp_read<R>(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        max: usize,
+        read: impl FnOnce(&mut dyn BufMut) -> R,
+    ) -> Option<R> {
+        self.now = Some(now);
+        let outcome = self
+            .tcp
+            .read(now, flow, max, read, &mut self.actions, &mut self.stats);
+        self.flush_tcp();
+        outcome
     }
 
     /// The socket of TCP `flow` reached end of stream (the host side shut

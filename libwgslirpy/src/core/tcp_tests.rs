@@ -469,24 +469,72 @@ fn host_data_reaches_the_peer_in_mss_segments() {
 fn host_data_across_the_send_buffers_wrap_stays_byte_exact() {
     let mut h = Harness::new(&config());
     let (flow, first) = h.establish();
-    let stream = pattern(8000);
-    h.router.handle_tcp_data(h.now, flow, &stream[..5000]);
-    assert_eq!(h.segs().len(), 4);
-    // 1000 bytes stay unacknowledged at the front; 3000 new ones wrap.
-    h.send_ack(first + 4000, 512);
-    h.router.handle_tcp_data(h.now, flow, &stream[5000..]);
+    let stream = pattern(10_000);
+    // The ring takes 8 KiB for these.
+    h.router.handle_tcp_data(h.now, flow, &stream[..7000]);
+    assert_eq!(h.segs().len(), 6);
+    // 1000 bytes stay unacknowledged at the front; 3000 new ones wrap, so
+    // the first new segment spans the wrap.
+    h.send_ack(first + 6000, 512);
+    h.router.handle_tcp_data(h.now, flow, &stream[7000..]);
     let fresh = h.segs();
-    assert_eq!(fresh[0].seq, first + 5000);
+    assert_eq!(fresh[0].seq, first + 7000);
     let sent: Vec<u8> = fresh.iter().flat_map(|s| s.payload.clone()).collect();
-    assert_eq!(sent, &stream[5000..]);
-    // The retransmission from the oldest byte spans the wrap.
-    let mut retransmitted = Vec::new();
-    while retransmitted.is_empty() {
-        h.advance(Duration::from_millis(100));
-        retransmitted = h.segs();
+    assert_eq!(sent, &stream[7000..]);
+    // The retransmissions from the oldest byte on, across the wrap too.
+    h.advance(Duration::from_millis(1000));
+    let mut retransmitted = h.segs();
+    for _ in 0..3 {
+        h.send_ack(
+            retransmitted[0].seq + retransmitted[0].payload.len() as u32,
+            512,
+        );
+        retransmitted.extend(h.segs());
     }
-    assert_eq!(retransmitted[0].seq, first + 4000);
-    assert_eq!(retransmitted[0].payload, &stream[4000..5380]);
+    assert_eq!(retransmitted[0].seq, first + 6000);
+    let again: Vec<u8> = retransmitted
+        .iter()
+        .flat_map(|s| s.payload.clone())
+        .collect();
+    assert_eq!(&again[..4000], &stream[6000..]);
+}
+
+/// The driver reads the host socket straight into the send buffer: each
+/// read is offered the buffer's contiguous free room, within the credit, so
+/// across the ring's wrap it takes two reads; the segments carry the bytes
+/// exactly, including the one that spans the wrap.
+#[test]
+fn host_reads_fill_the_send_buffer_in_place_up_to_its_wrap() {
+    /// Reads what of `data` the room takes: (room offered, bytes taken).
+    fn host_read(h: &mut Harness, flow: FlowId, data: &[u8]) -> Option<(usize, usize)> {
+        h.router.handle_tcp_read(h.now, flow, 64 * 1024, |room| {
+            let offered = room.remaining_mut();
+            let n = offered.min(data.len());
+            room.put_slice(&data[..n]);
+            (offered, n)
+        })
+    }
+    let mut config = config();
+    config.tcp_buffer_size = 8192;
+    let mut h = Harness::new(&config);
+    let (flow, first) = h.establish();
+    let stream = pattern(12_192);
+    assert_eq!(host_read(&mut h, flow, &stream[..5000]), Some((8192, 5000)));
+    let sent: Vec<u8> = h.segs().iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(sent, &stream[..5000]);
+
+    // 4000 bytes acknowledged free the ring's front: the credit is offered
+    // as the room at the ring's end, then at its start.
+    h.send_ack(first + 4000, 512);
+    assert_eq!(host_read(&mut h, flow, &stream[5000..]), Some((3192, 3192)));
+    assert_eq!(host_read(&mut h, flow, &stream[8192..]), Some((4000, 4000)));
+    assert_eq!(host_read(&mut h, flow, b"more"), None, "no credit left");
+    let sent: Vec<u8> = h.segs().iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(
+        sent,
+        &stream[5000..],
+        "the segment across the wrap included"
+    );
 }
 
 #[test]

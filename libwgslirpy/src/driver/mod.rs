@@ -685,7 +685,9 @@ impl Driver {
                 TcpEvent::ConnectFailed(error) => {
                     router.handle_tcp_connect_failed(now, flow, error);
                 }
-                TcpEvent::Data(data) => router.handle_tcp_data(now, flow, data),
+                TcpEvent::Readable(read) => {
+                    router.handle_tcp_read(now, flow, read.max(), |room| read.read_into(room));
+                }
                 TcpEvent::Eof => router.handle_tcp_eof(now, flow),
                 TcpEvent::Written(n) => router.handle_tcp_written(now, flow, n),
                 TcpEvent::Error => router.handle_tcp_error(now, flow),

@@ -26,18 +26,19 @@
 //! - Reads: only while the core has granted credit
 //!   ([`SocketAction::TcpRead`]), so a slow peer leaves the bytes in the
 //!   kernel and the host's sender blocks. One read of at most [`MAX_READ`]
-//!   bytes per flow per service, into one buffer shared by all flows, so a
-//!   busy flow cannot starve the others and reading allocates nothing.
+//!   bytes per flow per service, so a busy flow cannot starve the others,
+//!   straight into the connection's send buffer in the core
+//!   ([`TcpEvent::Readable`], `Router::handle_tcp_read`): no copy between.
 //!
 //! [`SocketAction::TcpRead`]: crate::core::SocketAction::TcpRead
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf as _, Bytes};
+use bytes::{Buf as _, BufMut, Bytes};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpStream;
 
@@ -52,14 +53,15 @@ const MAX_IOV: usize = 64;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What servicing a flow found, for the core.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum TcpEvent<'a> {
+#[derive(Debug)]
+pub(super) enum TcpEvent<'a, 'b> {
     /// The connect finished.
     Connected,
     /// The connect failed; the socket is gone.
     ConnectFailed(ConnectError),
-    /// Bytes read, within the credit.
-    Data(&'a [u8]),
+    /// The flow has credit: the core reads what is there into its buffer
+    /// ([`HostRead::read_into`]).
+    Readable(&'a mut HostRead<'b>),
     /// The host side shut down its writing.
     Eof,
     /// The socket took this many more pending bytes.
@@ -87,7 +89,6 @@ struct Flow {
 pub(super) struct TcpSockets {
     flows: HashMap<FlowId, Flow>,
     due: DueFlows,
-    read_buf: Box<[u8]>,
     no_socket_log: Option<Instant>,
     no_socket_count: u64,
 }
@@ -97,7 +98,6 @@ impl TcpSockets {
         TcpSockets {
             flows: HashMap::new(),
             due: DueFlows::default(),
-            read_buf: vec![0; MAX_READ].into_boxed_slice(),
             no_socket_log: None,
             no_socket_count: 0,
         }
@@ -224,10 +224,10 @@ impl TcpSockets {
     /// `report`. Flows that become due meanwhile (through `report`'s calls
     /// into the core, or a read that may have left more) wait for the next
     /// call. Returns whether any flow was due.
-    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, TcpEvent<'_>)) -> bool {
-        let (flows, read_buf) = (&mut self.flows, &mut self.read_buf);
+    pub(super) fn service(&mut self, mut report: impl FnMut(FlowId, TcpEvent<'_, '_>)) -> bool {
+        let flows = &mut self.flows;
         self.due
-            .service_each(|flow| service_one(flows, read_buf, flow, &mut report))
+            .service_each(|flow| service_one(flows, flow, &mut report))
     }
 }
 
@@ -235,9 +235,8 @@ impl TcpSockets {
 /// Returns false if a read may have left more waiting.
 fn service_one(
     flows: &mut HashMap<FlowId, Flow>,
-    read_buf: &mut [u8],
     flow: FlowId,
-    report: &mut impl FnMut(FlowId, TcpEvent<'_>),
+    report: &mut impl FnMut(FlowId, TcpEvent<'_, '_>),
 ) -> bool {
     let Some(f) = flows.get_mut(&flow) else {
         return true;
@@ -261,7 +260,7 @@ fn service_one(
         }
         return true;
     }
-    match move_bytes(f, &mut cx, read_buf, flow, report) {
+    match move_bytes(f, &mut cx, flow, report) {
         Ok(drained) => drained,
         Err(error) => {
             tracing::debug!(flow = flow.0, %error, "TCP socket error");
@@ -277,9 +276,8 @@ fn service_one(
 fn move_bytes(
     f: &mut Flow,
     cx: &mut Context<'_>,
-    read_buf: &mut [u8],
     flow: FlowId,
-    report: &mut impl FnMut(FlowId, TcpEvent<'_>),
+    report: &mut impl FnMut(FlowId, TcpEvent<'_, '_>),
 ) -> io::Result<bool> {
     if !f.pending.bytes.is_empty() {
         let written = write_pending(&f.stream, &mut f.pending, cx)?;
@@ -298,23 +296,60 @@ fn move_bytes(
         }
     }
     if f.reading && f.credit > 0 {
-        let max = f.credit.min(read_buf.len());
-        match read_once(&f.stream, &mut read_buf[..max], cx)? {
-            None => {}
-            Some(0) => {
-                f.reading = false;
-                report(flow, TcpEvent::Eof);
-            }
-            Some(n) => {
-                f.credit -= n;
-                report(flow, TcpEvent::Data(&read_buf[..n]));
-                // More may be waiting; the next service finds out (and
-                // waits for readability if not).
-                return Ok(false);
-            }
+        let mut read = HostRead {
+            stream: &f.stream,
+            waker: cx.waker(),
+            max: f.credit.min(MAX_READ),
+            outcome: None,
+        };
+        report(flow, TcpEvent::Readable(&mut read));
+        match read.outcome {
+            // The core takes no bytes now (its connection has stopped
+            // reading): none are read until it grants credit again.
+            None => f.credit = 0,
+            Some(outcome) => match outcome? {
+                None => {}
+                Some(0) => {
+                    f.reading = false;
+                    report(flow, TcpEvent::Eof);
+                }
+                Some(n) => {
+                    f.credit = f.credit.saturating_sub(n);
+                    // More may be waiting; the next service finds out (and
+                    // waits for readability if not).
+                    return Ok(false);
+                }
+            },
         }
     }
     Ok(true)
+}
+
+/// A flow's socket with credit to read, lent to the core to read from into
+/// its own buffer.
+#[derive(Debug)]
+pub(super) struct HostRead<'a> {
+    stream: &'a TcpStream,
+    /// Woken when the socket turns readable, if the read finds nothing.
+    waker: &'a Waker,
+    max: usize,
+    /// What the read found, once the core made it.
+    outcome: Option<io::Result<Option<usize>>>,
+}
+
+impl HostRead<'_> {
+    /// The most bytes to read: the credit, and at most [`MAX_READ`].
+    pub(super) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Reads once into `room` (which must have room for a byte at least:
+    /// reading into none would look like the end of the stream).
+    pub(super) fn read_into(&mut self, room: &mut dyn BufMut) {
+        debug_assert!(room.has_remaining_mut());
+        let mut cx = Context::from_waker(self.waker);
+        self.outcome = Some(read_once(self.stream, room, &mut cx));
+    }
 }
 
 /// How far a connect got within the `connect()` call.
@@ -454,11 +489,11 @@ fn write_pending(
 /// there now (and `cx` is registered for readability).
 fn read_once(
     stream: &TcpStream,
-    buf: &mut [u8],
+    mut buf: &mut dyn BufMut,
     cx: &mut Context<'_>,
 ) -> io::Result<Option<usize>> {
     loop {
-        match stream.try_read(buf) {
+        match stream.try_read_buf(&mut buf) {
             Ok(n) => return Ok(Some(n)),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 match stream.poll_read_ready(cx) {
@@ -501,9 +536,22 @@ mod tests {
         let mut seen = Vec::new();
         while seen.len() < want {
             std::future::poll_fn(|cx| sockets.poll_due(cx)).await;
-            sockets.service(|flow, event| seen.push((flow, format!("{event:?}"))));
+            sockets.service(|flow, event| seen.extend(describe(flow, event)));
         }
         seen
+    }
+
+    /// What the core would hear of `event`; a readable socket is read into
+    /// a buffer of its own, and reported as what it gave.
+    fn describe(flow: FlowId, event: TcpEvent<'_, '_>) -> Option<(FlowId, String)> {
+        let TcpEvent::Readable(read) = event else {
+            return Some((flow, format!("{event:?}")));
+        };
+        let mut got = Vec::new();
+        let max = read.max();
+        read.read_into(&mut (&mut got).limit(max));
+        let got = String::from_utf8(got).unwrap();
+        (!got.is_empty()).then(|| (flow, format!("Data({got})")))
     }
 
     /// A destination on this host answers within `connect()`, so the router
@@ -550,7 +598,7 @@ mod tests {
         drop(server);
         sockets.read(flow, 4);
         let seen = events(&mut sockets, 1).await;
-        assert_eq!(seen, [(flow, format!("{:?}", TcpEvent::Data(b"0123")))]);
+        assert_eq!(seen, [(flow, "Data(0123)".to_string())]);
         // Nothing more is read without credit.
         let mut more = Vec::new();
         sockets.service(|flow, event| more.push(format!("{flow:?} {event:?}")));
@@ -560,7 +608,7 @@ mod tests {
         assert_eq!(
             seen,
             [
-                (flow, format!("{:?}", TcpEvent::Data(b"456789"))),
+                (flow, "Data(456789)".to_string()),
                 (flow, "Eof".to_string())
             ]
         );

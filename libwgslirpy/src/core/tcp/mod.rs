@@ -100,13 +100,14 @@
 //! data, ECN, path MTU discovery (the MSS comes from `--mtu`).
 
 mod conn;
+mod ring;
 mod seq;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use super::flows::{FlowId, FlowTable};
 use super::limit::LimitLog;
@@ -574,6 +575,25 @@ impl Tcp {
             conn.on_data(now, data, ctx);
             Alive::Yes
         });
+    }
+
+    /// Reads from the host socket of `flow` into its send buffer (see
+    /// `Router::handle_tcp_read`).
+    pub fn read<R>(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        max: usize,
+        read: impl FnOnce(&mut dyn BufMut) -> R,
+        actions: &mut VecDeque<SocketAction>,
+        stats: &mut Stats,
+    ) -> Option<R> {
+        let mut outcome = None;
+        self.with_conn(flow, actions, stats, |conn, ctx| {
+            outcome = conn.on_read(now, max, read, ctx);
+            Alive::Yes
+        });
+        outcome
     }
 
     /// The host socket of `flow` reached end of stream.

@@ -13,8 +13,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
+use super::ring::ByteRing;
 use super::seq::{Rto, dist, le, lt};
 use super::{DELAYED_ACK, Settings};
 use crate::core::packet::{self, TcpSegment};
@@ -153,7 +154,7 @@ pub(super) struct Conn {
     peer_wscale: u8,
     mss: u32,
     /// Bytes from the host, from `snd_una` on: unacknowledged, then unsent.
-    send_buf: VecDeque<u8>,
+    send_buf: ByteRing,
     /// Bytes the driver may still read for us.
     credit: usize,
     host_eof: bool,
@@ -252,7 +253,7 @@ impl Conn {
             snd_wl2: iss,
             peer_wscale: 0,
             mss,
-            send_buf: VecDeque::new(),
+            send_buf: ByteRing::default(),
             credit: 0,
             host_eof: false,
             fin_acked: false,
@@ -334,17 +335,51 @@ impl Conn {
 
     /// Bytes read from the host socket.
     pub(super) fn on_data(&mut self, now: Instant, data: &[u8], ctx: &mut Ctx<'_>) {
-        if self.host_eof
-            || matches!(
+        if !self.reads_host() {
+            return;
+        }
+        // Bounded by the credit granted, which the driver keeps to.
+        self.send_buf.extend_from_slice(data, usize::MAX);
+        self.took_host_bytes(now, data.len(), ctx);
+    }
+
+    /// Reads from the host socket into the send buffer, within the credit
+    /// and `max` bytes: `read` fills room in the buffer. `None` (without
+    /// calling `read`) if no bytes are taken now.
+    pub(super) fn on_read<R>(
+        &mut self,
+        now: Instant,
+        max: usize,
+        read: impl FnOnce(&mut dyn BufMut) -> R,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<R> {
+        if !self.reads_host() {
+            return None;
+        }
+        // The buffer grows toward its size, or beyond by a credit granted
+        // before the size was lowered.
+        let limit = ctx.settings.buffer.max(self.send_buf.len() + self.credit);
+        let (n, outcome) = self.send_buf.fill(max.min(self.credit), limit, read)?;
+        if n > 0 {
+            self.took_host_bytes(now, n, ctx);
+        }
+        Some(outcome)
+    }
+
+    /// Whether bytes from the host are taken: not before the connection is
+    /// open toward both sides, nor after the host's end of stream.
+    fn reads_host(&self) -> bool {
+        !self.host_eof
+            && !matches!(
                 self.state,
                 State::Connecting { .. } | State::SynSent { .. } | State::TimeWait { .. }
             )
-        {
-            return;
-        }
+    }
+
+    /// `n` bytes from the host were added to the send buffer.
+    fn took_host_bytes(&mut self, now: Instant, n: usize, ctx: &mut Ctx<'_>) {
         self.last_activity = now;
-        self.credit = self.credit.saturating_sub(data.len());
-        self.send_buf.extend(data);
+        self.credit = self.credit.saturating_sub(n);
         if self.state == State::Open {
             self.arm_persist(now);
             self.wake(ctx);
@@ -720,13 +755,10 @@ impl Conn {
     fn ack_new(&mut self, now: Instant, ack: u32, ctx: &mut Ctx<'_>) {
         let acked = dist(self.snd_una, ack);
         let data = (acked as usize).min(self.send_buf.len());
-        self.send_buf.drain(..data);
+        // An emptied buffer is freed: an idle connection keeps none.
+        self.send_buf.consume(data);
         if acked as usize > data && self.host_eof {
             self.fin_acked = true;
-        }
-        if self.send_buf.is_empty() && self.send_buf.capacity() > 0 {
-            // An idle connection keeps no buffer.
-            self.send_buf = VecDeque::new();
         }
         self.snd_una = ack;
         if lt(self.snd_nxt, ack) {
@@ -957,7 +989,7 @@ impl Conn {
                 until: now + TIME_WAIT,
             };
             self.rto_at = None;
-            self.send_buf = VecDeque::new();
+            self.send_buf.clear();
             Alive::Yes
         } else {
             Alive::No

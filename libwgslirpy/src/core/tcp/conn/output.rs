@@ -226,19 +226,12 @@ impl Conn {
         let mut segment = self.header(ctx.settings, seq);
         segment.fin = send_fin;
         let spanning;
-        segment.payload = match self.send_buf.as_slices() {
-            (front, _) if offset + len <= front.len() => &front[offset..offset + len],
-            (front, back) if offset >= front.len() => back
-                .get(offset - front.len()..offset - front.len() + len)
-                .unwrap_or_default(),
+        segment.payload = match self.send_buf.range(offset, len) {
+            (bytes, []) => bytes,
             // Across the ring's wrap: copied, which happens once a lap,
             // instead of rotating the whole buffer.
-            _ => {
-                spanning = self
-                    .send_buf
-                    .range(offset..offset + len)
-                    .copied()
-                    .collect::<Vec<u8>>();
+            (front, back) => {
+                spanning = [front, back].concat();
                 &spanning
             }
         };
