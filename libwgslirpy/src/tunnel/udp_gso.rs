@@ -7,8 +7,9 @@
 //! datagrams to one address, all of one size but the last, goes down as one
 //! send that the kernel cuts into datagrams as late as it can. A bulk
 //! transfer toward a peer is exactly that: full segments, all padded to the
-//! same length. The run is copied into one buffer first; a copy costs far
-//! less than a walk of the stack.
+//! same length. The run goes down as it lies, one `iovec` per datagram:
+//! the kernel reads the segments from the vector, so nothing is copied
+//! first.
 //!
 //! A single datagram, and everything once the kernel has refused GSO (an
 //! old kernel, or a device without checksum offload answers EIO), go out
@@ -50,22 +51,22 @@ impl GsoSocket {
 
     /// Sends `run` (one destination; every datagram the first one's size,
     /// the last no larger) as one GSO send.
-    async fn send_run(&self, buf: &mut Vec<u8>, run: &[(Packet, SocketAddr)]) -> io::Result<()> {
+    async fn send_run(&self, run: &[(Packet, SocketAddr)]) -> io::Result<()> {
         let (first, dest) = &run[0];
         let segment =
             u16::try_from(first.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        buf.clear();
-        for (packet, _) in run {
-            buf.extend_from_slice(packet);
+        let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS];
+        for (slot, (packet, _)) in iov.iter_mut().zip(run) {
+            *slot = IoSlice::new(packet);
         }
+        let iov = &iov[..run.len()];
         let dest = SockaddrStorage::from(*dest);
         let socket = self.inner.socket();
         let fd = socket.as_raw_fd();
         socket
             .async_io(Interest::WRITABLE, || {
-                let iov = [IoSlice::new(buf)];
                 let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
-                sendmsg(fd, &iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&dest))
+                sendmsg(fd, iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&dest))
                     .map_err(io::Error::from)
             })
             .await
@@ -103,12 +104,10 @@ fn gso_refused(error: &io::Error) -> bool {
     )
 }
 
-/// Reused buffers for [`GsoSocket::send_many_to`].
+/// Reused buffers for [`GsoSocket::send_many_to`]: gotatun's, for sending
+/// without GSO.
 #[derive(Default)]
 pub(super) struct SendBuf {
-    /// One run, contiguous.
-    run: Vec<u8>,
-    /// gotatun's, for sending without GSO.
     fallback: <UdpSocket as UdpSend>::SendManyBuf,
 }
 
@@ -130,7 +129,7 @@ impl UdpSend for GsoSocket {
             if end - start == 1 {
                 let (packet, dest) = &packets[start];
                 self.inner.socket().send_to(packet, *dest).await?;
-            } else if let Err(error) = self.send_run(&mut buf.run, &packets[start..end]).await {
+            } else if let Err(error) = self.send_run(&packets[start..end]).await {
                 if !gso_refused(&error) {
                     return Err(error);
                 }
