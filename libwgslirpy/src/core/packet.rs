@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable,
@@ -284,6 +284,8 @@ pub fn build_tcp(src: SocketAddr, dst: SocketAddr, segment: &TcpSegment<'_>) -> 
         _ if !segment.payload.is_empty() => TcpControl::Psh,
         _ => TcpControl::None,
     };
+    // The payload goes in once, behind the headers; the header is emitted
+    // around it, and its checksum covers it.
     let repr = TcpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
@@ -296,7 +298,7 @@ pub fn build_tcp(src: SocketAddr, dst: SocketAddr, segment: &TcpSegment<'_>) -> 
         sack_permitted: false,
         sack_ranges: [None; 3],
         timestamp: None,
-        payload: segment.payload,
+        payload: &[],
     };
     let (src_ip, dst_ip) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
     build_ip(
@@ -304,6 +306,7 @@ pub fn build_tcp(src: SocketAddr, dst: SocketAddr, segment: &TcpSegment<'_>) -> 
         dst.ip(),
         IpProtocol::Tcp,
         repr.buffer_len(),
+        segment.payload,
         |buf| {
             repr.emit(
                 &mut TcpPacket::new_unchecked(buf),
@@ -367,6 +370,7 @@ pub fn build_dst_unreachable_tcp(
                 peer.ip(),
                 IpProtocol::Icmp,
                 repr.buffer_len(),
+                &[],
                 |buf| {
                     repr.emit(
                         &mut Icmpv4Packet::new_unchecked(buf),
@@ -395,6 +399,7 @@ pub fn build_dst_unreachable_tcp(
                 peer.ip(),
                 IpProtocol::Icmpv6,
                 repr.buffer_len(),
+                &[],
                 |buf| {
                     repr.emit(
                         &dest6,
@@ -422,19 +427,19 @@ fn ip_header_len(ipv6: bool) -> usize {
 /// Returns `None` if the addresses mix versions or the packet would exceed
 /// 65535 bytes.
 pub fn build_udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Option<BytesMut> {
-    let udp_len = 8 + payload.len();
     let repr = UdpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
     };
     let (src_ip, dst_ip) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
-    build_ip(src.ip(), dst.ip(), IpProtocol::Udp, udp_len, |buf| {
+    // The payload goes in once, behind the headers (see `build_tcp`).
+    build_ip(src.ip(), dst.ip(), IpProtocol::Udp, 8, payload, |buf| {
         repr.emit(
             &mut UdpPacket::new_unchecked(buf),
             &src_ip,
             &dst_ip,
             payload.len(),
-            |out| out.copy_from_slice(payload),
+            |_in_place| {},
             &ChecksumCapabilities::default(),
         )
     })
@@ -455,12 +460,19 @@ pub fn build_echo_reply(
                 seq_no,
                 data,
             };
-            build_ip(local, peer, IpProtocol::Icmp, repr.buffer_len(), |buf| {
-                repr.emit(
-                    &mut Icmpv4Packet::new_unchecked(buf),
-                    &ChecksumCapabilities::default(),
-                )
-            })
+            build_ip(
+                local,
+                peer,
+                IpProtocol::Icmp,
+                repr.buffer_len(),
+                &[],
+                |buf| {
+                    repr.emit(
+                        &mut Icmpv4Packet::new_unchecked(buf),
+                        &ChecksumCapabilities::default(),
+                    )
+                },
+            )
         }
         (IpAddr::V6(local6), IpAddr::V6(peer6)) => {
             let repr = Icmpv6Repr::EchoReply {
@@ -468,14 +480,21 @@ pub fn build_echo_reply(
                 seq_no,
                 data,
             };
-            build_ip(local, peer, IpProtocol::Icmpv6, repr.buffer_len(), |buf| {
-                repr.emit(
-                    &local6,
-                    &peer6,
-                    &mut Icmpv6Packet::new_unchecked(buf),
-                    &ChecksumCapabilities::default(),
-                )
-            })
+            build_ip(
+                local,
+                peer,
+                IpProtocol::Icmpv6,
+                repr.buffer_len(),
+                &[],
+                |buf| {
+                    repr.emit(
+                        &local6,
+                        &peer6,
+                        &mut Icmpv6Packet::new_unchecked(buf),
+                        &ChecksumCapabilities::default(),
+                    )
+                },
+            )
         }
         _ => None,
     }
@@ -516,7 +535,7 @@ pub fn build_icmp_error(original: &[u8], why: IcmpError) -> Option<BytesMut> {
             };
             let quote = &original[..usize::from(packet.total_len()).min(ICMPV4_QUOTE)];
             let (src, dst) = (packet.dst_addr().into(), packet.src_addr().into());
-            build_ip(src, dst, IpProtocol::Icmp, 8 + quote.len(), |buf| {
+            build_ip(src, dst, IpProtocol::Icmp, 8 + quote.len(), &[], |buf| {
                 buf[8..].copy_from_slice(quote);
                 let mut icmp = Icmpv4Packet::new_unchecked(buf);
                 icmp.set_msg_type(Icmpv4Message::DstUnreachable);
@@ -540,6 +559,7 @@ pub fn build_icmp_error(original: &[u8], why: IcmpError) -> Option<BytesMut> {
                 dst.into(),
                 IpProtocol::Icmpv6,
                 8 + quote.len(),
+                &[],
                 |buf| {
                     buf[8..].copy_from_slice(quote);
                     let mut icmp = Icmpv6Packet::new_unchecked(buf);
@@ -560,23 +580,29 @@ pub fn build_icmp_error(original: &[u8], why: IcmpError) -> Option<BytesMut> {
 /// an allocation, a zeroing and a copy in the encryptor.
 pub const TRANSPORT_TAILROOM: usize = 15 + 32;
 
-/// Emits an IP header for `payload_len` bytes of `protocol`, then lets
-/// `emit_payload` fill the payload.
+/// Builds an IP packet of `protocol` whose payload is a header of
+/// `header_len` bytes followed by `data`: the data is written once, in
+/// place, and `emit_header` then gets the whole payload (header and data) to
+/// fill in the header and its checksum.
 fn build_ip(
     src: IpAddr,
     dst: IpAddr,
     protocol: IpProtocol,
-    payload_len: usize,
-    emit_payload: impl FnOnce(&mut [u8]),
+    header_len: usize,
+    data: &[u8],
+    emit_header: impl FnOnce(&mut [u8]),
 ) -> Option<BytesMut> {
+    let ip_header = ip_header_len(src.is_ipv6());
+    let payload_len = header_len + data.len();
     // IPv4 counts its header in the 16-bit total length; IPv6 does not.
-    let total = ip_header_len(src.is_ipv6()) + payload_len;
+    let total = ip_header + payload_len;
     let counted = if src.is_ipv6() { payload_len } else { total };
     if counted > usize::from(u16::MAX) {
         return None;
     }
     let mut buf = BytesMut::with_capacity(total + TRANSPORT_TAILROOM);
-    buf.resize(total, 0);
+    buf.put_bytes(0, ip_header + header_len);
+    buf.extend_from_slice(data);
     match (src, dst) {
         (IpAddr::V4(src_addr), IpAddr::V4(dst_addr)) => {
             let repr = Ipv4Repr {
@@ -588,7 +614,7 @@ fn build_ip(
             };
             let mut packet = Ipv4Packet::new_unchecked(&mut buf[..]);
             repr.emit(&mut packet, &ChecksumCapabilities::default());
-            emit_payload(packet.payload_mut());
+            emit_header(packet.payload_mut());
         }
         (IpAddr::V6(src_addr), IpAddr::V6(dst_addr)) => {
             let repr = Ipv6Repr {
@@ -600,7 +626,7 @@ fn build_ip(
             };
             let mut packet = Ipv6Packet::new_unchecked(&mut buf[..]);
             repr.emit(&mut packet);
-            emit_payload(packet.payload_mut());
+            emit_header(packet.payload_mut());
         }
         _ => return None,
     }
