@@ -249,6 +249,57 @@ mod tests {
         send_and_check_a_mixed_batch(&socket).await;
     }
 
+    /// gotatun's receive path as patched (`vendor/gotatun/PATCHED.md`, 5):
+    /// datagrams are read into pool packets, and only what does not fit
+    /// spills into the GRO buffer; every byte arrives in order, each
+    /// datagram (or GRO segment) in a packet of its own, whether it fitted,
+    /// spilled, or straddles the two.
+    #[tokio::test]
+    async fn received_datagrams_arrive_whole_whether_they_fit_a_pool_packet_or_spill() {
+        let mut receiver = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
+        receiver.enable_udp_gro().unwrap();
+        let sender = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
+        let to = receiver.inner.socket().local_addr().unwrap();
+        let pattern = |len: usize, seed: usize| -> Vec<u8> {
+            (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+        };
+        let packet = |bytes: &[u8]| (Packet::from_bytes(BytesMut::from(bytes)), to);
+
+        // Plain datagrams: one that fits, one exactly a packet's size, one
+        // larger.
+        let mut expected = Vec::new();
+        for (seed, len) in [(1, 300), (2, 4096), (3, 9000)] {
+            let datagram = pattern(len, seed);
+            sender.send_to(packet(&datagram).0, to).await.unwrap();
+            expected.push(datagram);
+        }
+        // A GSO run of ten 1000-byte datagrams: with GRO it arrives as one
+        // message whose fifth segment straddles the pool packet's end.
+        let run = pattern(10_000, 4);
+        let mut batch: Vec<_> = run.chunks(1000).map(packet).collect();
+        sender.send_run(&batch).await.unwrap();
+        batch.clear();
+        expected.extend(run.chunks(1000).map(<[u8]>::to_vec));
+
+        let mut pool = PacketBufPool::<4096>::new(1);
+        let mut buf = <GsoSocket as UdpRecv>::RecvManyBuf::default();
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                receiver.recv_many_from(&mut buf, &mut pool, &mut got),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+        let got: Vec<Vec<u8>> = got.iter().map(|(p, _)| p.to_vec()).collect();
+        assert_eq!(got.len(), expected.len());
+        for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(got, expected, "datagram {i}");
+        }
+    }
+
     async fn send_and_check_a_mixed_batch(socket: &GsoSocket) {
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         receiver

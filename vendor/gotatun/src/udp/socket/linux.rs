@@ -122,14 +122,21 @@ mod gro {
     use bytes::BytesMut;
     use nix::cmsg_space;
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage};
-    use std::hint::cold_path;
     use std::io::{self, IoSliceMut};
     use std::net::SocketAddr;
+    use std::ops::Range;
     use std::os::fd::AsRawFd;
     use tokio::io::Interest;
 
     pub struct RecvManyBuf {
         pub(crate) gro_bufs: Box<[BytesMut; MAX_PACKET_COUNT]>,
+        /// One pool packet per message that `recvmmsg` reads into first (wgslirpy): a
+        /// datagram that fits stays in its packet, with no copy. Only what does not fit (a
+        /// GRO batch, a datagram longer than the pool's buffers) spills into the message's
+        /// GRO buffer and is copied out from the two.
+        slots: Vec<Packet>,
+        /// What each message received: its index, length, source and GRO segment size.
+        received: Vec<(usize, usize, SocketAddr, Option<usize>)>,
     }
 
     impl Default for RecvManyBuf {
@@ -139,7 +146,22 @@ mod gro {
             let gro_bufs = gro_bufs.map(|()| gro_buf.split_to(MAX_GRO_SIZE));
             let gro_bufs = Box::new(gro_bufs);
 
-            Self { gro_bufs }
+            Self {
+                gro_bufs,
+                slots: Vec::with_capacity(MAX_PACKET_COUNT),
+                received: Vec::with_capacity(MAX_PACKET_COUNT),
+            }
+        }
+    }
+
+    /// Appends `range` of the bytes that lie in `first`, then `spill`, to `buf`.
+    fn extend_from_parts(buf: &mut BytesMut, first: &[u8], spill: &[u8], range: Range<usize>) {
+        let split = first.len();
+        if range.start < split {
+            buf.extend_from_slice(&first[range.start..range.end.min(split)]);
+        }
+        if range.end > split {
+            buf.extend_from_slice(&spill[range.start.max(split) - split..range.end - split]);
         }
     }
 
@@ -166,6 +188,14 @@ mod gro {
             let socket = self.socket();
             let fd = socket.as_raw_fd();
             let map_ipv4_to_ipv6 = self.map_ipv4_to_ipv6;
+            let RecvManyBuf {
+                gro_bufs,
+                slots,
+                received,
+            } = recv_many_bufs;
+            while slots.len() < MAX_PACKET_COUNT {
+                slots.push(pool.get());
+            }
 
             socket
                 .async_io(Interest::READABLE, move || {
@@ -175,82 +205,96 @@ mod gro {
                     // Use a generic sockaddr storage here because this path serves both the IPv4
                     // and IPv6 UDP sockets. Using `SockaddrIn` corrupts IPv6 source addresses and
                     // can poison the peer runtime endpoint with an unspecified IPv4 address.
-                    let headers = &mut MultiHeaders::<SockaddrStorage>::preallocate(
-                        MAX_PACKET_COUNT,
-                        Some(cmsg_space!(i32)),
-                    );
+                    received.clear();
+                    {
+                        let headers = &mut MultiHeaders::<SockaddrStorage>::preallocate(
+                            MAX_PACKET_COUNT,
+                            Some(cmsg_space!(i32)),
+                        );
 
-                    let mut io_slices: [[IoSliceMut; 1]; MAX_PACKET_COUNT] =
-                        std::array::from_fn(|_| [IoSliceMut::new(&mut [])]);
+                        let mut io_slices: [[IoSliceMut; 2]; MAX_PACKET_COUNT] =
+                            std::array::from_fn(|_| {
+                                [IoSliceMut::new(&mut []), IoSliceMut::new(&mut [])]
+                            });
 
-                    for (i, buf) in recv_many_bufs.gro_bufs.iter_mut().enumerate() {
-                        io_slices[i] = [IoSliceMut::new(&mut buf[..])];
+                        for ((iov, slot), gro_buf) in io_slices
+                            .iter_mut()
+                            .zip(slots.iter_mut())
+                            .zip(gro_bufs.iter_mut())
+                        {
+                            *iov = [
+                                IoSliceMut::new(&mut slot[..]),
+                                IoSliceMut::new(&mut gro_buf[..]),
+                            ];
+                        }
+
+                        let results = nix::sys::socket::recvmmsg(
+                            fd,
+                            headers,
+                            &mut io_slices[..MAX_PACKET_COUNT],
+                            MsgFlags::MSG_DONTWAIT,
+                            None,
+                        )?;
+
+                        for (index, result) in results.enumerate() {
+                            let Some(source_addr) = result.address.as_ref().and_then(|addr| {
+                                addr.as_sockaddr_in()
+                                    .map(|&addr| SocketAddr::from(addr))
+                                    .or_else(|| addr.as_sockaddr_in6().map(|addr| (*addr).into()))
+                            }) else {
+                                if cfg!(debug_assertions) {
+                                    tracing::debug!("recvmmsg returned packet without source");
+                                }
+                                continue;
+                            };
+
+                            let source_addr = map_src_addr(map_ipv4_to_ipv6, source_addr);
+
+                            // TODO: is this true? Under what circumstance can the cmsg buffer overflow?
+                            let mut cmsgs =
+                                result.cmsgs().expect("we have allocated enough memory");
+
+                            let gro_size = cmsgs
+                                .find_map(|cmsg| match cmsg {
+                                    ControlMessageOwned::UdpGroSegments(gro_size) => Some(gro_size),
+                                    _ => None,
+                                })
+                                .and_then(|gro_size| usize::try_from(gro_size).ok())
+                                .filter(|&gro_size| gro_size > 0);
+
+                            received.push((index, result.bytes, source_addr, gro_size));
+                        }
                     }
 
-                    let results = nix::sys::socket::recvmmsg(
-                        fd,
-                        headers,
-                        &mut io_slices[..MAX_PACKET_COUNT],
-                        MsgFlags::MSG_DONTWAIT,
-                        None,
-                    )?;
-
-                    for result in results {
-                        let Some(iov) = result.iovs().next() else {
-                            cold_path();
-                            if cfg!(debug_assertions) {
-                                tracing::trace!("Received empty datagram from IoSlice");
+                    for &(index, size, source_addr, gro_size) in received.iter() {
+                        let fits = size <= slots[index].len();
+                        match gro_size {
+                            // A single datagram that fits its packet: taken as it is.
+                            None if fits => {
+                                let mut packet = std::mem::replace(&mut slots[index], pool.get());
+                                packet.truncate(size);
+                                packets.push((packet, source_addr));
                             }
-                            continue;
-                        };
-
-                        let Some(source_addr) = result.address.as_ref().and_then(|addr| {
-                            addr.as_sockaddr_in()
-                                .map(|&addr| SocketAddr::from(addr))
-                                .or_else(|| addr.as_sockaddr_in6().map(|addr| (*addr).into()))
-                        }) else {
-                            if cfg!(debug_assertions) {
-                                tracing::debug!("recvmmsg returned packet without source");
+                            // Generic Receive Offload, or a datagram longer than a packet
+                            // (reachable via IP fragment reassembly, up to 64k): each
+                            // segment is copied into a packet buffer of its own, which grows
+                            // if the segment is larger than the pool's buffer size.
+                            _ => {
+                                let first = &slots[index][..size.min(slots[index].len())];
+                                let spill = &gro_bufs[index][..size - first.len()];
+                                let segment = gro_size.unwrap_or(size);
+                                for start in (0..size).step_by(segment) {
+                                    let mut buf = pool.get();
+                                    buf.buf_mut().clear();
+                                    extend_from_parts(
+                                        buf.buf_mut(),
+                                        first,
+                                        spill,
+                                        start..(start + segment).min(size),
+                                    );
+                                    packets.push((buf, source_addr));
+                                }
                             }
-                            continue;
-                        };
-
-                        let source_addr = map_src_addr(map_ipv4_to_ipv6, source_addr);
-
-                        // TODO: is this true? Under what circumstance can the cmsg buffer overflow?
-                        let mut cmsgs = result.cmsgs().expect("we have allocated enough memory");
-
-                        let gro_size = cmsgs
-                            .find_map(|cmsg| match cmsg {
-                                ControlMessageOwned::UdpGroSegments(gro_size) => Some(gro_size),
-                                _ => None,
-                            })
-                            .and_then(|gro_size| usize::try_from(gro_size).ok())
-                            .filter(|&gro_size| gro_size > 0);
-
-                        // Generic Receive Offload
-                        if let Some(gro_size) = gro_size {
-                            // Divide packet into GRO-sized segments and copy them into Packet bufs
-                            for gro_segment in iov.chunks(gro_size) {
-                                let mut buf = pool.get();
-                                // Copy the segment into a packet buffer, growing the buffer if the
-                                // segment is larger than the pool's buffer size.
-                                // TODO: consider splitting the iov backing buffer into multiple
-                                // BytesMut to avoid copying the data here.
-                                buf.buf_mut().clear();
-                                buf.buf_mut().extend_from_slice(gro_segment);
-                                packets.push((buf, source_addr));
-                            }
-                        } else {
-                            // Single packet
-                            let size = result.bytes;
-                            let mut buf = pool.get();
-                            // Copy the datagram into a packet buffer, growing the buffer if the
-                            // datagram is larger than the pool's buffer size (reachable via IP
-                            // fragment reassembly, up to 64k).
-                            buf.buf_mut().clear();
-                            buf.buf_mut().extend_from_slice(&iov[..size]);
-                            packets.push((buf, source_addr));
                         }
                     }
 
