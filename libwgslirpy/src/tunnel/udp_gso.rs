@@ -300,6 +300,40 @@ mod tests {
         }
     }
 
+    /// A short batch clears the socket's readiness without a second
+    /// `recvmmsg` (patch 5); the next datagram must still wake the reader,
+    /// whether it comes while the reader waits or before it asks.
+    #[tokio::test]
+    async fn after_a_short_batch_the_next_datagram_still_wakes_the_reader() {
+        let mut receiver = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
+        let sender = std::net::UdpSocket::bind(addr(0)).unwrap();
+        let to = receiver.inner.socket().local_addr().unwrap();
+        let mut pool = PacketBufPool::<4096>::new(1);
+        let mut buf = <GsoSocket as UdpRecv>::RecvManyBuf::default();
+        for round in 0..50u8 {
+            let mut got = Vec::new();
+            let receive = receiver.recv_many_from(&mut buf, &mut pool, &mut got);
+            if round % 2 == 0 {
+                sender.send_to(&[round], to).unwrap();
+                tokio::time::timeout(std::time::Duration::from_secs(5), receive)
+                    .await
+                    .unwrap()
+                    .unwrap();
+            } else {
+                let (result, ()) = tokio::join!(
+                    tokio::time::timeout(std::time::Duration::from_secs(5), receive),
+                    async {
+                        tokio::task::yield_now().await;
+                        sender.send_to(&[round], to).unwrap();
+                    }
+                );
+                result.unwrap().unwrap();
+            }
+            assert_eq!(got.len(), 1, "round {round}");
+            assert_eq!(&got[0].0[..], &[round], "round {round}");
+        }
+    }
+
     async fn send_and_check_a_mixed_batch(socket: &GsoSocket) {
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         receiver

@@ -197,112 +197,132 @@ mod gro {
                 slots.push(pool.get());
             }
 
-            socket
-                .async_io(Interest::READABLE, move || {
-                    // TODO: the CMSG space cannot be reused, so we must allocate new headers each
-                    // time [ControlMessageOwned::UdpGroSegments(i32)] contains
-                    // the size of all smaller packets/segments
-                    // Use a generic sockaddr storage here because this path serves both the IPv4
-                    // and IPv6 UDP sockets. Using `SockaddrIn` corrupts IPv6 source addresses and
-                    // can poison the peer runtime endpoint with an unspecified IPv4 address.
-                    received.clear();
+            // Reads one batch; returns how many messages it took.
+            let mut read_batch = move || -> io::Result<usize> {
+                let mut messages = 0;
+                // TODO: the CMSG space cannot be reused, so we must allocate new headers each
+                // time [ControlMessageOwned::UdpGroSegments(i32)] contains
+                // the size of all smaller packets/segments
+                // Use a generic sockaddr storage here because this path serves both the IPv4
+                // and IPv6 UDP sockets. Using `SockaddrIn` corrupts IPv6 source addresses and
+                // can poison the peer runtime endpoint with an unspecified IPv4 address.
+                received.clear();
+                {
+                    let headers = &mut MultiHeaders::<SockaddrStorage>::preallocate(
+                        MAX_PACKET_COUNT,
+                        Some(cmsg_space!(i32)),
+                    );
+
+                    let mut io_slices: [[IoSliceMut; 2]; MAX_PACKET_COUNT] =
+                        std::array::from_fn(|_| {
+                            [IoSliceMut::new(&mut []), IoSliceMut::new(&mut [])]
+                        });
+
+                    for ((iov, slot), gro_buf) in io_slices
+                        .iter_mut()
+                        .zip(slots.iter_mut())
+                        .zip(gro_bufs.iter_mut())
                     {
-                        let headers = &mut MultiHeaders::<SockaddrStorage>::preallocate(
-                            MAX_PACKET_COUNT,
-                            Some(cmsg_space!(i32)),
-                        );
-
-                        let mut io_slices: [[IoSliceMut; 2]; MAX_PACKET_COUNT] =
-                            std::array::from_fn(|_| {
-                                [IoSliceMut::new(&mut []), IoSliceMut::new(&mut [])]
-                            });
-
-                        for ((iov, slot), gro_buf) in io_slices
-                            .iter_mut()
-                            .zip(slots.iter_mut())
-                            .zip(gro_bufs.iter_mut())
-                        {
-                            *iov = [
-                                IoSliceMut::new(&mut slot[..]),
-                                IoSliceMut::new(&mut gro_buf[..]),
-                            ];
-                        }
-
-                        let results = nix::sys::socket::recvmmsg(
-                            fd,
-                            headers,
-                            &mut io_slices[..MAX_PACKET_COUNT],
-                            MsgFlags::MSG_DONTWAIT,
-                            None,
-                        )?;
-
-                        for (index, result) in results.enumerate() {
-                            let Some(source_addr) = result.address.as_ref().and_then(|addr| {
-                                addr.as_sockaddr_in()
-                                    .map(|&addr| SocketAddr::from(addr))
-                                    .or_else(|| addr.as_sockaddr_in6().map(|addr| (*addr).into()))
-                            }) else {
-                                if cfg!(debug_assertions) {
-                                    tracing::debug!("recvmmsg returned packet without source");
-                                }
-                                continue;
-                            };
-
-                            let source_addr = map_src_addr(map_ipv4_to_ipv6, source_addr);
-
-                            // TODO: is this true? Under what circumstance can the cmsg buffer overflow?
-                            let mut cmsgs =
-                                result.cmsgs().expect("we have allocated enough memory");
-
-                            let gro_size = cmsgs
-                                .find_map(|cmsg| match cmsg {
-                                    ControlMessageOwned::UdpGroSegments(gro_size) => Some(gro_size),
-                                    _ => None,
-                                })
-                                .and_then(|gro_size| usize::try_from(gro_size).ok())
-                                .filter(|&gro_size| gro_size > 0);
-
-                            received.push((index, result.bytes, source_addr, gro_size));
-                        }
+                        *iov = [
+                            IoSliceMut::new(&mut slot[..]),
+                            IoSliceMut::new(&mut gro_buf[..]),
+                        ];
                     }
 
-                    for &(index, size, source_addr, gro_size) in received.iter() {
-                        let fits = size <= slots[index].len();
-                        match gro_size {
-                            // A single datagram that fits its packet: taken as it is.
-                            None if fits => {
-                                let mut packet = std::mem::replace(&mut slots[index], pool.get());
-                                packet.truncate(size);
-                                packets.push((packet, source_addr));
+                    let results = nix::sys::socket::recvmmsg(
+                        fd,
+                        headers,
+                        &mut io_slices[..MAX_PACKET_COUNT],
+                        MsgFlags::MSG_DONTWAIT,
+                        None,
+                    )?;
+
+                    for (index, result) in results.enumerate() {
+                        messages = index + 1;
+                        let Some(source_addr) = result.address.as_ref().and_then(|addr| {
+                            addr.as_sockaddr_in()
+                                .map(|&addr| SocketAddr::from(addr))
+                                .or_else(|| addr.as_sockaddr_in6().map(|addr| (*addr).into()))
+                        }) else {
+                            if cfg!(debug_assertions) {
+                                tracing::debug!("recvmmsg returned packet without source");
                             }
-                            // Generic Receive Offload, or a datagram longer than a packet
-                            // (reachable via IP fragment reassembly, up to 64k): each
-                            // segment is copied into a packet buffer of its own, which grows
-                            // if the segment is larger than the pool's buffer size.
-                            _ => {
-                                let first = &slots[index][..size.min(slots[index].len())];
-                                let spill = &gro_bufs[index][..size - first.len()];
-                                let segment = gro_size.unwrap_or(size);
-                                for start in (0..size).step_by(segment) {
-                                    let mut buf = pool.get();
-                                    buf.buf_mut().clear();
-                                    extend_from_parts(
-                                        buf.buf_mut(),
-                                        first,
-                                        spill,
-                                        start..(start + segment).min(size),
-                                    );
-                                    packets.push((buf, source_addr));
-                                }
+                            continue;
+                        };
+
+                        let source_addr = map_src_addr(map_ipv4_to_ipv6, source_addr);
+
+                        // TODO: is this true? Under what circumstance can the cmsg buffer overflow?
+                        let mut cmsgs = result.cmsgs().expect("we have allocated enough memory");
+
+                        let gro_size = cmsgs
+                            .find_map(|cmsg| match cmsg {
+                                ControlMessageOwned::UdpGroSegments(gro_size) => Some(gro_size),
+                                _ => None,
+                            })
+                            .and_then(|gro_size| usize::try_from(gro_size).ok())
+                            .filter(|&gro_size| gro_size > 0);
+
+                        received.push((index, result.bytes, source_addr, gro_size));
+                    }
+                }
+
+                for &(index, size, source_addr, gro_size) in received.iter() {
+                    let fits = size <= slots[index].len();
+                    match gro_size {
+                        // A single datagram that fits its packet: taken as it is.
+                        None if fits => {
+                            let mut packet = std::mem::replace(&mut slots[index], pool.get());
+                            packet.truncate(size);
+                            packets.push((packet, source_addr));
+                        }
+                        // Generic Receive Offload, or a datagram longer than a packet
+                        // (reachable via IP fragment reassembly, up to 64k): each
+                        // segment is copied into a packet buffer of its own, which grows
+                        // if the segment is larger than the pool's buffer size.
+                        _ => {
+                            let first = &slots[index][..size.min(slots[index].len())];
+                            let spill = &gro_bufs[index][..size - first.len()];
+                            let segment = gro_size.unwrap_or(size);
+                            for start in (0..size).step_by(segment) {
+                                let mut buf = pool.get();
+                                buf.buf_mut().clear();
+                                extend_from_parts(
+                                    buf.buf_mut(),
+                                    first,
+                                    spill,
+                                    start..(start + segment).min(size),
+                                );
+                                packets.push((buf, source_addr));
                             }
                         }
                     }
+                }
 
-                    Ok(())
-                })
-                .await?;
+                Ok(messages)
+            };
 
-            Ok(())
+            // wgslirpy: a batch short of MAX_PACKET_COUNT has emptied the socket, so its
+            // readiness is cleared then, as an EAGAIN would clear it; this spares the call that
+            // would find nothing after each batch. A datagram that arrives meanwhile makes the
+            // socket ready again (tokio clears only the readiness it saw).
+            loop {
+                socket.readable().await?;
+                let mut messages = 0;
+                let outcome = socket.try_io(Interest::READABLE, || {
+                    messages = read_batch()?;
+                    if messages < MAX_PACKET_COUNT {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match outcome {
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock && messages == 0 => {}
+                    Err(error) if error.kind() != io::ErrorKind::WouldBlock => return Err(error),
+                    _ => return Ok(()),
+                }
+            }
         }
 
         fn enable_udp_gro(&self) -> io::Result<()> {
