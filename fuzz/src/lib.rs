@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes};
 use libwgslirpy::Config;
 use libwgslirpy::config::{Key, PeerConfig, Transport};
 use libwgslirpy::core::dns::{DnsClient, DnsOutcome, DnsServer};
@@ -251,9 +251,21 @@ pub fn router_sequence(data: &[u8]) {
             }
             6 => {
                 let flow = pick(&flows.tcp, input.byte());
-                let len = usize::from(input.byte().unwrap_or(0)) * 64;
+                let byte = input.byte().unwrap_or(0);
+                let len = usize::from(byte) * 64;
                 if let Some(flow) = flow {
-                    router.handle_tcp_data(now, flow, &vec![0x61; len]);
+                    if byte % 2 == 0 {
+                        router.handle_tcp_data(now, flow, &vec![0x61; len]);
+                    } else {
+                        // As the driver reads: into the connection's own
+                        // buffer, as much of the host's bytes as the room takes.
+                        let max = 64 * 1024;
+                        router.handle_tcp_read(now, flow, max, |room| {
+                            let offered = room.remaining_mut();
+                            assert!((1..=max).contains(&offered), "room of {offered} bytes");
+                            room.put_bytes(0x61, offered.min(len));
+                        });
+                    }
                 }
             }
             7 => {
