@@ -62,7 +62,9 @@
 //!
 //! **Host to peer.** The core grants the driver read credit
 //! ([`SocketAction::TcpRead`], additive) so that buffered plus granted bytes
-//! never exceed `--tcp-buffer-size`; a slow peer leaves the buffer full, the
+//! never exceed `--tcp-buffer-size`; the driver reads within it straight
+//! into the connection's send buffer (`Router::handle_tcp_read`, a ring of
+//! its own in `ring.rs`). A slow peer leaves the buffer full, the
 //! driver stops reading, and the host socket's sender blocks. Segments are
 //! cut lazily: a connection with something to send joins a ready list, and
 //! [`Tcp::poll_segment`] (behind `Router::poll_transmit`) makes one segment
