@@ -12,7 +12,7 @@
 //! Not handled here yet: IP fragments and IPv6 extension headers are
 //! reported as [`Drop::Unsupported`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use smoltcp::phy::ChecksumCapabilities;
@@ -365,19 +365,7 @@ pub fn build_dst_unreachable_tcp(
                 },
                 data,
             };
-            build_ip(
-                dest.ip(),
-                peer.ip(),
-                IpProtocol::Icmp,
-                repr.buffer_len(),
-                &[],
-                |buf| {
-                    repr.emit(
-                        &mut Icmpv4Packet::new_unchecked(buf),
-                        &ChecksumCapabilities::default(),
-                    )
-                },
-            )
+            build_icmpv4(dest4, peer4, &repr)
         }
         (IpAddr::V6(peer6), IpAddr::V6(dest6)) => {
             let repr = Icmpv6Repr::DstUnreachable {
@@ -394,21 +382,7 @@ pub fn build_dst_unreachable_tcp(
                 },
                 data,
             };
-            build_ip(
-                dest.ip(),
-                peer.ip(),
-                IpProtocol::Icmpv6,
-                repr.buffer_len(),
-                &[],
-                |buf| {
-                    repr.emit(
-                        &dest6,
-                        &peer6,
-                        &mut Icmpv6Packet::new_unchecked(buf),
-                        &ChecksumCapabilities::default(),
-                    )
-                },
-            )
+            build_icmpv6(dest6, peer6, &repr)
         }
         _ => None,
     }
@@ -454,25 +428,13 @@ pub fn build_echo_reply(
     data: &[u8],
 ) -> Option<BytesMut> {
     match (local, peer) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => {
+        (IpAddr::V4(local4), IpAddr::V4(peer4)) => {
             let repr = Icmpv4Repr::EchoReply {
                 ident,
                 seq_no,
                 data,
             };
-            build_ip(
-                local,
-                peer,
-                IpProtocol::Icmp,
-                repr.buffer_len(),
-                &[],
-                |buf| {
-                    repr.emit(
-                        &mut Icmpv4Packet::new_unchecked(buf),
-                        &ChecksumCapabilities::default(),
-                    )
-                },
-            )
+            build_icmpv4(local4, peer4, &repr)
         }
         (IpAddr::V6(local6), IpAddr::V6(peer6)) => {
             let repr = Icmpv6Repr::EchoReply {
@@ -480,21 +442,7 @@ pub fn build_echo_reply(
                 seq_no,
                 data,
             };
-            build_ip(
-                local,
-                peer,
-                IpProtocol::Icmpv6,
-                repr.buffer_len(),
-                &[],
-                |buf| {
-                    repr.emit(
-                        &local6,
-                        &peer6,
-                        &mut Icmpv6Packet::new_unchecked(buf),
-                        &ChecksumCapabilities::default(),
-                    )
-                },
-            )
+            build_icmpv6(local6, peer6, &repr)
         }
         _ => None,
     }
@@ -571,6 +519,42 @@ pub fn build_icmp_error(original: &[u8], why: IcmpError) -> Option<BytesMut> {
         }
         _ => None,
     }
+}
+
+/// Builds an ICMP (v4) message from `src` to `dst`.
+fn build_icmpv4(src: Ipv4Addr, dst: Ipv4Addr, repr: &Icmpv4Repr<'_>) -> Option<BytesMut> {
+    build_ip(
+        src.into(),
+        dst.into(),
+        IpProtocol::Icmp,
+        repr.buffer_len(),
+        &[],
+        |buf| {
+            repr.emit(
+                &mut Icmpv4Packet::new_unchecked(buf),
+                &ChecksumCapabilities::default(),
+            )
+        },
+    )
+}
+
+/// Builds an ICMPv6 message from `src` to `dst`.
+fn build_icmpv6(src: Ipv6Addr, dst: Ipv6Addr, repr: &Icmpv6Repr<'_>) -> Option<BytesMut> {
+    build_ip(
+        src.into(),
+        dst.into(),
+        IpProtocol::Icmpv6,
+        repr.buffer_len(),
+        &[],
+        |buf| {
+            repr.emit(
+                &src,
+                &dst,
+                &mut Icmpv6Packet::new_unchecked(buf),
+                &ChecksumCapabilities::default(),
+            )
+        },
+    )
 }
 
 /// Spare capacity after every packet the router builds, so that a transport
