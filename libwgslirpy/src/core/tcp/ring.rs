@@ -83,9 +83,12 @@ impl ByteRing {
     /// Appends up to `max` bytes in place: `write` gets the contiguous room
     /// at the ring's end, at most `max` bytes and at least one, and fills
     /// what it can from its start. The storage first grows, toward `limit`
-    /// bytes in all, if it has fewer than `max` bytes free. Returns how many
-    /// bytes `write` appended, and what it returned; `None` (without calling
-    /// `write`) if `max` is 0 or the ring already holds `limit` bytes.
+    /// bytes in all, if it has fewer than `max` bytes free; an empty ring
+    /// starts with [`MIN_CAPACITY`], so that a short reply does not take a
+    /// whole buffer (a longer one grows it on the next fill). Returns how
+    /// many bytes `write` appended, and what it returned; `None` (without
+    /// calling `write`) if `max` is 0 or the ring already holds `limit`
+    /// bytes.
     pub(crate) fn fill<R>(
         &mut self,
         max: usize,
@@ -97,7 +100,12 @@ impl ByteRing {
             return None;
         }
         if self.storage.capacity() - self.len < max {
-            self.grow(self.len + max, limit);
+            let needed = if self.is_empty() {
+                max.min(MIN_CAPACITY)
+            } else {
+                self.len + max
+            };
+            self.grow(needed, limit);
         }
         let capacity = self.storage.capacity();
         let tail = self.head + self.len;
@@ -201,6 +209,22 @@ mod tests {
         ring.extend_from_slice(&[7; 10], 100);
         assert!(ring.fill(100, 100, |_| ()).is_none(), "full at the limit");
         assert!(ring.fill(0, 1000, |_| ()).is_none());
+    }
+
+    #[test]
+    fn an_empty_ring_starts_small_and_grows_while_it_fills() {
+        let mut ring = ByteRing::default();
+        let fill_all = |ring: &mut ByteRing| {
+            ring.fill(64 * 1024, 1 << 20, |room| {
+                let offered = room.remaining_mut();
+                room.put_bytes(7, offered);
+                offered
+            })
+        };
+        assert_eq!(fill_all(&mut ring), Some((MIN_CAPACITY, MIN_CAPACITY)));
+        let (n, _) = fill_all(&mut ring).unwrap();
+        assert_eq!(n, 64 * 1024, "grown for the whole read");
+        assert_eq!(ring.len(), MIN_CAPACITY + 64 * 1024);
     }
 
     #[test]
