@@ -512,26 +512,26 @@ mod tests {
         assert!(e.contains("same IP version"), "{e}");
     }
 
-    #[test]
-    fn validate_rejects_small_mtu() {
-        let mut c = Config::new(
+    /// A raw IP gateway's configuration, otherwise the defaults.
+    fn raw_ip_config() -> Config {
+        Config::new(
             Transport::RawIp {
                 peer_endpoint: None,
             },
             "127.0.0.1:0".parse().unwrap(),
-        );
+        )
+    }
+
+    #[test]
+    fn validate_rejects_small_mtu() {
+        let mut c = raw_ip_config();
         c.mtu = 500;
         assert!(c.validate().unwrap_err().to_string().starts_with("--mtu"));
     }
 
     #[test]
     fn validate_takes_1_to_max_shards() {
-        let mut c = Config::new(
-            Transport::RawIp {
-                peer_endpoint: None,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        );
+        let mut c = raw_ip_config();
         for (shards, ok) in [
             (0, false),
             (1, true),

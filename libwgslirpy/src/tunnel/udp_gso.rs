@@ -191,7 +191,11 @@ mod tests {
     use super::*;
 
     fn datagram(len: usize, fill: u8, to: SocketAddr) -> (Packet, SocketAddr) {
-        (Packet::from_bytes(BytesMut::from(&vec![fill; len][..])), to)
+        datagram_of(&vec![fill; len], to)
+    }
+
+    fn datagram_of(bytes: &[u8], to: SocketAddr) -> (Packet, SocketAddr) {
+        (Packet::from_bytes(BytesMut::from(bytes)), to)
     }
 
     fn addr(port: u16) -> SocketAddr {
@@ -263,22 +267,26 @@ mod tests {
         let pattern = |len: usize, seed: usize| -> Vec<u8> {
             (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
         };
-        let packet = |bytes: &[u8]| (Packet::from_bytes(BytesMut::from(bytes)), to);
 
         // Plain datagrams: one that fits, one exactly a packet's size, one
         // larger.
         let mut expected = Vec::new();
         for (seed, len) in [(1, 300), (2, 4096), (3, 9000)] {
             let datagram = pattern(len, seed);
-            sender.send_to(packet(&datagram).0, to).await.unwrap();
+            sender
+                .send_to(datagram_of(&datagram, to).0, to)
+                .await
+                .unwrap();
             expected.push(datagram);
         }
         // A GSO run of ten 1000-byte datagrams: with GRO it arrives as one
         // message whose fifth segment straddles the pool packet's end.
         let run = pattern(10_000, 4);
-        let mut batch: Vec<_> = run.chunks(1000).map(packet).collect();
+        let batch: Vec<_> = run
+            .chunks(1000)
+            .map(|bytes| datagram_of(bytes, to))
+            .collect();
         sender.send_run(&batch).await.unwrap();
-        batch.clear();
         expected.extend(run.chunks(1000).map(<[u8]>::to_vec));
 
         let mut pool = PacketBufPool::<4096>::new(1);
