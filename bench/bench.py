@@ -23,7 +23,8 @@ serving the same kind of wireguard-go peer. Both topologies are up at once. It m
   3. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
      in rounds that alternate between the gateways too (one busy at a time), with the
      gateway process's CPU-seconds (utime + stime) per GB received, and its busiest
-     thread's (with several threads, the one that limits throughput);
+     thread's (with several threads, the one that limits throughput); then, as a floor, the
+     kernel's cost of the host side alone: iperf3 from the gateway namespace at our rates;
   4. per gateway: 200 concurrent connections each echoing 1 MB, all byte-exact.
 `--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, iperf,
 echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
@@ -735,6 +736,38 @@ def measure_throughput(topos, results, args, log):
                    res[key + "_cpu_per_gb"]))
 
 
+# The floor rows: iperf3 from the gateway namespace itself, with no tunnel and no gateway,
+# paced to the rate our gateway reached in the same row, writing (or reading) about what the
+# gateway does per wake-up: some ten 1380-byte segments per host socket write on the way up,
+# up to 64 KiB per read on the way down.
+FLOOR_WRITE, FLOOR_READ = "16K", "64K"
+
+
+def measure_floor(topo, res, seconds, log):
+    """The kernel's own cost, in this rig, of the host side of each throughput row: the same
+    bytes through a TCP socket in the gateway namespace at our gateway's median rate, with
+    the iperf3 client's CPU (user + system, from its own report) per GB. veth hands each
+    packet to the receiving namespace in the sender's context, so this counts the iperf3
+    server's TCP receive work too, as the gateway's figure does."""
+    for key, reverse, streams in THROUGHPUT_ROWS:
+        rate = res.get(key + "_gbps")
+        if not rate:
+            continue
+        per_stream = "%dM" % max(1, int(rate * 1000 / streams))
+        argv = ["iperf3", "-c", INET_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+                "-P", str(streams), "-b", per_stream,
+                "-l", FLOOR_READ if reverse else FLOOR_WRITE] + (["-R"] if reverse else [])
+        end = json.loads(topo.sh(*argv, ns="gw", timeout=seconds + 30))["end"]
+        received = end["sum_received"]
+        cpu = end["cpu_utilization_percent"]["host_total"] / 100 * received["seconds"]
+        res[key + "_floor_gbps"] = received["bits_per_second"] / 1e9
+        res[key + "_floor_cpu_per_gb"] = per_gb(cpu, received["bytes"] / 1e9)
+        log("  floor %s: iperf3 in the gateway namespace at %s/stream: %.3f Gbit/s, "
+            "%.2f CPU-s/GB" % (key, per_stream, res[key + "_floor_gbps"],
+                               res[key + "_floor_cpu_per_gb"]))
+        time.sleep(0.5)
+
+
 def measure_echo(topo, conns, res, log):
     drops0 = udp_receive_drops(topo, "gw"), udp_receive_drops(topo, "peer")
     out = client(topo, ["echo", INET_V4, str(conns), str(1 << 20)], 300)
@@ -769,6 +802,9 @@ def run_all(kinds, args, log_dir, log):
         if "iperf" in args.measure:
             log("== throughput, both gateways in turn ==")
             measure_throughput(topos, results, args, log)
+            if "ours" in topos:
+                log("== kernel floor: the host side alone, at our rates ==")
+                measure_floor(topos["ours"], results["ours"], args.seconds, log)
         for kind, topo in topos.items():
             log("== %s ==" % NAMES[kind])
             res = results[kind]
@@ -847,6 +883,11 @@ def report(ours, base, args, started):
                       ("down1", "internet → peer, 1 stream"),
                       ("down4", "internet → peer, 4 streams")):
         row("gateway CPU-s per GB, %s" % name, key + "_cpu_per_gb", ".2f", "≤ 2.0 (ours)")
+    for key, name in (("up1", "peer → internet, 1 stream"), ("up4", "peer → internet, 4 streams"),
+                      ("down1", "internet → peer, 1 stream"),
+                      ("down4", "internet → peer, 4 streams")):
+        row("kernel floor, CPU-s per GB, %s (see below)" % name, key + "_floor_cpu_per_gb",
+            ".2f", show_ratio=False)
     for key, name in (("up4", "peer → internet, 4 streams"),
                       ("down4", "internet → peer, 4 streams")):
         row("busiest gateway thread, CPU-s per GB, %s" % name,
@@ -891,6 +932,16 @@ def report(ours, base, args, started):
             fmt(base.get(key + "_peer_cpu_per_gb"), ".2f"),
             fmt(ours.get(key + "_tunnel_drops"), "d"), fmt(base.get(key + "_tunnel_drops"), "d"),
             fmt(ours.get(key + "_peer_drops"), "d"), fmt(base.get(key + "_peer_drops"), "d")))
+    lines += [
+        "",
+        "Kernel floor (in the wgslirpy column): iperf3 run from the gateway namespace itself, "
+        "with no tunnel and no gateway, paced to the rate wgslirpy reached in the same row, "
+        "in %s writes up and %s reads down; its CPU (user + system) per GB. That is what the "
+        "host side of each row costs any process in this rig, the receiving namespace's TCP "
+        "work included (veth charges it to the sender), before a byte of the tunnel side: the "
+        "UDP socket, ChaCha20-Poly1305 (about 0.6 CPU-s per GB) and the ACKs." % (
+            FLOOR_WRITE, FLOOR_READ),
+    ]
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):
             lines += ["", "perf, wgslirpy during the 4-stream %s (self time by object, then by "
