@@ -253,8 +253,7 @@ fn open_socket(ipv6: bool, kind: Type) -> io::Result<Socket> {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         (Domain::IPV4, Protocol::ICMPV4, addr)
     };
-    let socket = Socket::new(domain, kind, Some(protocol))?;
-    socket.set_nonblocking(true)?;
+    let socket = Socket::new(domain, kind.nonblocking(), Some(protocol))?;
     if kind == Type::DGRAM {
         // Binding a ping socket is what assigns its identifier.
         socket.bind(&addr.into())?;

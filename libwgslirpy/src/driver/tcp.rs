@@ -369,11 +369,15 @@ pub(super) fn reset(stream: TcpStream) {
 
 /// A non-blocking socket with its connect started.
 fn start_connect(dest: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from the start: two `fcntl` calls fewer per connection.
+    let socket = Socket::new(
+        Domain::for_address(dest),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if dest.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
     // The peer's stack already decides segment sizes and timing.
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&dest.into()) {

@@ -176,7 +176,7 @@ fn bind_ephemeral(ipv6: bool) -> io::Result<std::net::UdpSocket> {
     } else {
         (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
     };
-    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    let socket = Socket::new(domain, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     if ipv6 {
         socket.set_only_v6(true)?;
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6RecvErr, &true)?;
@@ -184,7 +184,6 @@ fn bind_ephemeral(ipv6: bool) -> io::Result<std::net::UdpSocket> {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
     }
     select_error_queue(&socket)?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
