@@ -22,6 +22,7 @@
 //! as a full TUN queue would, so a slow tunnel never stalls the router.
 //! Dropping the handle stops the transport.
 
+mod lane_steering;
 pub mod rawip;
 mod socket_buffers;
 mod uapi;

@@ -596,9 +596,11 @@ fn into_ip_packet(bytes: IpPacket) -> Option<Packet<Ip>> {
 /// bind dual-stack `::`.
 ///
 /// With several lanes, the device binds one socket per receive lane, all on
-/// one port with `SO_REUSEPORT`: the kernel keeps each sender (each peer's
-/// endpoint) on one socket, so one peer's packets are decrypted in order and
-/// different peers' in parallel. `SO_REUSEPORT` would also let us join the
+/// one port with `SO_REUSEPORT`, and the steering program sends each peer's
+/// datagrams to the socket of its lane ([`super::lane_steering`]), so one
+/// peer's packets are decrypted in order and different peers' in parallel
+/// (the kernel's hash of the endpoints, if the program cannot be attached,
+/// keeps the order but not the spread). `SO_REUSEPORT` would also let us join the
 /// group of another process of the same user unnoticed (a second gateway
 /// started on the same port by mistake), so the first socket of each set
 /// is preceded by a probe without it, which fails if anything has the port;
@@ -660,6 +662,12 @@ impl UdpTransportFactory for ExactBind {
         let socket = UdpSocket::bind(SocketAddr::new(self.ip, port), options)
             .inspect_err(|_| self.binds = 0)?;
         self.binds += 1;
+        if self.lanes > 1 {
+            // Each peer's datagrams to its own lane, not the endpoints' hash.
+            if let Err(error) = super::lane_steering::steer_by_receiver_index(&socket, self.lanes) {
+                tracing::info!(%error, "receive lanes chosen by the kernel's hash of the endpoints");
+            }
+        }
         super::socket_buffers::request(&socket, self.buffer);
         if let Err(error) = socket.enable_udp_gro() {
             tracing::debug!(%error, "UDP GRO unavailable");
@@ -907,6 +915,97 @@ mod tests {
                 .unwrap();
             assert_eq!(got, reply);
         }
+    }
+
+    /// Relays datagrams between one client and `server`, from a port of its
+    /// own (the client's endpoint for the server), and records the lane
+    /// named by each data message the client sends (`lane_steering`).
+    async fn tap(
+        server: SocketAddr,
+        lanes: usize,
+    ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<usize>>>) {
+        use std::sync::{Arc, Mutex};
+        let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let named = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&named);
+        tokio::spawn(async move {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let to = if from == server {
+                    match client {
+                        Some(client) => client,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    if n > 4 && buf[0] == 4 {
+                        // The receiver index's low byte, first on the wire.
+                        seen.lock().unwrap().push(usize::from(buf[4]) % lanes);
+                    }
+                    server
+                };
+                let _ = socket.send_to(&buf[..n], to).await;
+            }
+        });
+        (addr, named)
+    }
+
+    /// With two lanes, peers take them in turn: each peer's session indices
+    /// are in its lane (gotatun patch 6), so the steering program sends its
+    /// data to its lane's socket whatever its endpoint. (Random indices
+    /// would give this order one time in 16.)
+    #[tokio::test]
+    async fn peers_name_indices_of_the_lanes_they_took_in_turn() {
+        let (server_private, server_public) = key_pair();
+        let clients: Vec<(Key, Key, Ipv4Addr)> = (2..6)
+            .map(|n| {
+                let (private, public) = key_pair();
+                (private, public, Ipv4Addr::new(10, 0, 0, n))
+            })
+            .collect();
+        let mut server_config = config(
+            server_private,
+            peer(clients[0].1, None, "10.0.0.2/32"),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        if let Transport::WireGuard { peers, .. } = &mut server_config.transport {
+            for (_, public, ip) in &clients[1..] {
+                peers.push(peer(*public, None, &format!("{ip}/32")));
+            }
+        }
+        server_config.shards = 2;
+        let mut server = super::super::start(&server_config).await.unwrap();
+        let shards = Shards::new(2);
+        let mut lanes_named = Vec::new();
+        for (private, _, ip) in &clients {
+            let (relay, named) = tap(server.local_addr, 2).await;
+            let client = super::super::start(&config(
+                *private,
+                peer(server_public, Some(relay), "0.0.0.0/0"),
+                "127.0.0.1:0".parse().unwrap(),
+            ))
+            .await
+            .unwrap();
+            for n in 0..5u8 {
+                let request = ipv4_udp(*ip, Ipv4Addr::new(192, 0, 2, 1), &[n; 10]);
+                client.outgoing[0].try_send(request.clone()).unwrap();
+                let got = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    server.incoming[shards.of_packet(&request)].recv(),
+                )
+                .await
+                .expect("packet through the tunnel")
+                .unwrap();
+                assert_eq!(got, request);
+            }
+            let named = named.lock().unwrap().clone();
+            assert!(named.len() >= 5, "data messages seen: {named:?}");
+            assert!(named.iter().all(|&lane| lane == named[0]), "{named:?}");
+            lanes_named.push(named[0]);
+        }
+        assert_eq!(lanes_named, [0, 1, 0, 1], "lanes in turn");
     }
 
     /// With an endpoint configured, we handshake at once, before the router

@@ -25,7 +25,7 @@ mod tests;
 mod transports;
 pub mod uapi;
 
-use crate::noise::index_table::IndexTable;
+use crate::noise::index_table::{IndexTable, Lane};
 use builder::Nul;
 use futures::TryFutureExt;
 use std::collections::HashMap;
@@ -145,6 +145,11 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// receiver index (for example a peer still using a session from before
     /// a restart).
     rx_dropped_no_session: std::sync::atomic::AtomicUsize,
+
+    /// wgslirpy patch: peers added so far, whose count picks each new peer's receive lane
+    /// (round robin over `UdpTransportFactory::lanes`): its session indices are confined to
+    /// that lane ([`crate::noise::index_table::Lane`]).
+    peers_added: usize,
 
     rate_limiter: Option<Arc<RateLimiter>>,
 
@@ -517,12 +522,15 @@ impl<T: DeviceTransports> DeviceState<T> {
             .expect("Setting private key creates rate limiter")
             .clone();
 
+        // wgslirpy patch: each peer's indices in a lane of its own, in turn.
+        let lane = Lane::new(self.peers_added, self.udp_factory.lanes());
+        self.peers_added += 1;
         let mut tunn = Tunn::new(
             device_key_pair.0.clone(),
             peer_builder.public_key,
             peer_builder.preshared_key,
             peer_builder.keepalive,
-            self.index_table.clone(),
+            self.index_table.in_lane(lane),
             rate_limiter,
         );
 

@@ -49,7 +49,10 @@ pub trait UdpTransportFactory: Send + Sync + 'static {
     /// by a receive task of its own, so that packets from different peers
     /// are decrypted in parallel. With more than one, every `bind` must let
     /// the sockets share the port (`SO_REUSEPORT`): the kernel then keeps
-    /// each sender on one socket, so one peer's packets stay in order.
+    /// each sender on one socket, so one peer's packets stay in order. The
+    /// device confines each peer's session indices to a lane of this many,
+    /// peers in turn (`IndexTable::in_lane`), so that a factory may steer
+    /// each datagram to the socket of the lane its receiver index names.
     fn lanes(&self) -> usize {
         1
     }
