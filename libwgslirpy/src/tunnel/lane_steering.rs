@@ -22,7 +22,9 @@
 //!
 //! The kernel runs the program on the UDP payload, and falls back to its
 //! hash when the index returned is not a socket of the group (while the
-//! group is still being bound).
+//! group is still being bound). A byte tells at most 255 lanes apart: with
+//! more threads than that, peers share the first 255 lanes and the rest
+//! receive nothing.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -86,22 +88,27 @@ pub(super) fn steer_by_receiver_index(socket: &impl AsFd, lanes: usize) -> io::R
 
 #[cfg(test)]
 mod tests {
-    use std::net::UdpSocket;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
     use std::time::Duration;
 
-    use socket2::{Domain, Protocol, Socket, Type};
+    use socket2::{Domain, Socket, Type};
 
     use super::*;
 
-    /// `lanes` sockets sharing one loopback port, the program attached.
-    fn group(lanes: usize) -> Vec<UdpSocket> {
+    /// `lanes` sockets sharing one port of `loopback`, the program attached.
+    fn group(loopback: IpAddr, lanes: usize) -> Vec<UdpSocket> {
         let mut sockets: Vec<UdpSocket> = Vec::new();
         for _ in 0..lanes {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+            let socket = Socket::new(
+                Domain::for_address(SocketAddr::new(loopback, 0)),
+                Type::DGRAM,
+                None,
+            )
+            .unwrap();
             socket.set_reuse_port(true).unwrap();
             let addr = sockets
                 .first()
-                .map_or("127.0.0.1:0".parse().unwrap(), |first| {
+                .map_or(SocketAddr::new(loopback, 0), |first| {
                     first.local_addr().unwrap()
                 });
             socket.bind(&addr.into()).unwrap();
@@ -116,10 +123,9 @@ mod tests {
 
     /// Which socket of `group` received `datagram`, sent from a new port.
     fn lane_of(group: &[UdpSocket], datagram: &[u8]) -> usize {
-        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sender
-            .send_to(datagram, group[0].local_addr().unwrap())
-            .unwrap();
+        let to = group[0].local_addr().unwrap();
+        let sender = UdpSocket::bind(SocketAddr::new(to.ip(), 0)).unwrap();
+        sender.send_to(datagram, to).unwrap();
         let mut buf = [0u8; 64];
         let mut found = Vec::new();
         for (lane, socket) in group.iter().enumerate() {
@@ -143,8 +149,12 @@ mod tests {
 
     #[test]
     fn each_message_goes_to_the_lane_of_the_index_it_names() {
-        for lanes in [2, 3] {
-            let group = group(lanes);
+        let loopbacks = [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ];
+        for (loopback, lanes) in [(loopbacks[0], 2), (loopbacks[0], 3), (loopbacks[1], 2)] {
+            let group = group(loopback, lanes);
             for index in [0u32, 1, 2, 0x1234_5605, 0xffff_ffff, 0xdead_be07] {
                 let lane = (index & 0xff) as usize % lanes;
                 for (kind, at) in [(4, 4), (3, 4), (2, 8), (1, 4)] {
