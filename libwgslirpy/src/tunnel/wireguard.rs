@@ -850,23 +850,8 @@ mod tests {
     /// them leave through either lane.
     #[tokio::test]
     async fn two_lanes_share_one_port_and_serve_two_peers_both_ways() {
-        let (server_private, server_public) = key_pair();
         let outside = Ipv4Addr::new(192, 0, 2, 1);
-        let clients: Vec<(Key, Key, Ipv4Addr)> = (2..4)
-            .map(|n| {
-                let (private, public) = key_pair();
-                (private, public, Ipv4Addr::new(10, 0, 0, n))
-            })
-            .collect();
-        let mut server_config = config(
-            server_private,
-            peer(clients[0].1, None, "10.0.0.2/32"),
-            "127.0.0.1:0".parse().unwrap(),
-        );
-        if let Transport::WireGuard { peers, .. } = &mut server_config.transport {
-            peers.push(peer(clients[1].1, None, "10.0.0.3/32"));
-        }
-        server_config.shards = 2;
+        let (server_config, server_public, clients) = two_lane_server(2);
         let mut server = super::super::start(&server_config).await.unwrap();
         assert_eq!((server.incoming.len(), server.outgoing.len()), (2, 2));
         let port = format!(":{:04X}", server.local_addr.port());
@@ -917,6 +902,32 @@ mod tests {
         }
     }
 
+    /// `count` clients (private key, public key, inner address from
+    /// 10.0.0.2 on), and the config of a server on loopback with two lanes
+    /// that has them all as peers, in that order; and the server's public key.
+    fn two_lane_server(count: u8) -> (Config, Key, Vec<(Key, Key, Ipv4Addr)>) {
+        let (server_private, server_public) = key_pair();
+        let clients: Vec<(Key, Key, Ipv4Addr)> = (2..2 + count)
+            .map(|n| {
+                let (private, public) = key_pair();
+                (private, public, Ipv4Addr::new(10, 0, 0, n))
+            })
+            .collect();
+        let peers = clients
+            .iter()
+            .map(|(_, public, ip)| peer(*public, None, &format!("{ip}/32")))
+            .collect();
+        let mut server_config = Config::new(
+            Transport::WireGuard {
+                private_key: server_private,
+                peers,
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        server_config.shards = 2;
+        (server_config, server_public, clients)
+    }
+
     /// Relays datagrams between one client and `server`, from a port of its
     /// own (the client's endpoint for the server), and records the lane
     /// named by each data message the client sends (`lane_steering`).
@@ -958,24 +969,7 @@ mod tests {
     /// would give this order one time in 16.)
     #[tokio::test]
     async fn peers_name_indices_of_the_lanes_they_took_in_turn() {
-        let (server_private, server_public) = key_pair();
-        let clients: Vec<(Key, Key, Ipv4Addr)> = (2..6)
-            .map(|n| {
-                let (private, public) = key_pair();
-                (private, public, Ipv4Addr::new(10, 0, 0, n))
-            })
-            .collect();
-        let mut server_config = config(
-            server_private,
-            peer(clients[0].1, None, "10.0.0.2/32"),
-            "127.0.0.1:0".parse().unwrap(),
-        );
-        if let Transport::WireGuard { peers, .. } = &mut server_config.transport {
-            for (_, public, ip) in &clients[1..] {
-                peers.push(peer(*public, None, &format!("{ip}/32")));
-            }
-        }
-        server_config.shards = 2;
+        let (server_config, server_public, clients) = two_lane_server(4);
         let mut server = super::super::start(&server_config).await.unwrap();
         let shards = Shards::new(2);
         let mut lanes_named = Vec::new();
