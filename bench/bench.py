@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -64,6 +65,8 @@ GW_INNER_V4, GW_INNER_V6 = "198.19.77.1", "fd77::1"
 GW_PORT, PEER_PORT = 51820, 51821
 MTU = 1420
 ECHO_PORT, REPLY_PORT, UDP_ECHO_PORT, IPERF_PORT = 7, 8, 7, 5201
+UDP_ECHO_SIZE = 64
+NULL_RELAY_PORT, NULL_RELAY_CLIENT_PORT = 9000, 40000
 
 
 def raise_nofile():
@@ -216,16 +219,21 @@ def client_short(host, count):
     print("times", " ".join("%.3f" % t for t in times), flush=True)
 
 
-def client_udp(host, count):
-    """`count` sequential UDP echoes of 64 bytes; prints the round trips in microseconds
-    (a lost datagram is retried after 1 s and not counted)."""
+def client_udp(host, count, port=UDP_ECHO_PORT):
+    """`count` sequential UDP echoes of UDP_ECHO_SIZE bytes to `host` (`port`, or the echo
+    server's); prints the round trips in microseconds (a lost datagram is retried after 1 s
+    and not counted). Toward another port (the null relay, which answers only the first
+    address it heard from) it sends from NULL_RELAY_CLIENT_PORT every time."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_DGRAM)
+    if port != UDP_ECHO_PORT:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", NULL_RELAY_CLIENT_PORT))
     s.settimeout(1)
-    s.connect((host, UDP_ECHO_PORT))
+    s.connect((host, port))
     times, lost = [], 0
     for i in range(count):
-        msg = b"%08d" % i + b"u" * 56
+        msg = b"%08d" % i + b"u" * (UDP_ECHO_SIZE - 8)
         while True:
             t0 = time.perf_counter()
             s.send(msg)
@@ -282,7 +290,7 @@ def client_main(argv):
     elif cmd == "short":
         client_short(argv[1], int(argv[2]))
     elif cmd == "udp":
-        client_udp(argv[1], int(argv[2]))
+        client_udp(argv[1], int(argv[2]), *(int(a) for a in argv[3:4]))
     elif cmd == "echo":
         asyncio.run(client_echo(argv[1], int(argv[2]), int(argv[3])))
     else:
@@ -638,6 +646,129 @@ def measure_latency(topos, results, args, log):
                 % (kind, res["icmp_p50"], res["icmp_received"]))
 
 
+# The gateway's share of a UDP echo, from the kernel's own timestamps where the gateway
+# namespace takes in and sends out each datagram (perf's net tracepoints, on all CPUs): from
+# the request's arrival on peer0 to its departure on inet0, plus from the reply's arrival on
+# inet0 to its departure on peer0. The rest of the round trip (client, peer, server, links)
+# is the same for both gateways. Measured the same way: a null relay (socat in the gateway
+# namespace, relaying plain UDP to the same echo server: no tunnel, no crypto), which is
+# about what any user-space process pays in this rig to be woken once each way.
+SHARE_ROUNDS, SHARE_ECHOES = 3, 300
+ETHERNET_HEADER = 14
+
+
+def ipv4_udp_len(payload):
+    return 20 + 8 + payload
+
+
+def wireguard_len(inner):
+    """An IPv4 packet of `inner` bytes, as a WireGuard data message in an IPv4 datagram:
+    16 bytes of header, the packet padded to 16, a 16-byte tag."""
+    return ipv4_udp_len(16 + (inner + 15) // 16 * 16 + 16)
+
+
+def net_events(data):
+    """(monotonic seconds, tracepoint, device, length) from a `perf record` of the net
+    tracepoints."""
+    out = subprocess.run(["perf", "script", "-i", data, "--ns", "-F", "time,event,trace"],
+                         capture_output=True, text=True).stdout
+    return [(float(m.group(1)), m.group(2), m.group(3), int(m.group(4)))
+            for m in re.finditer(r"(\d+\.\d+):\s+net:(\w+):\s+dev=(\S+) .*?len=(\d+)", out)]
+
+
+def echo_shares(events, t0, t1, outer, inner):
+    """(forward, reverse) seconds in the gateway namespace for each echo between t0 and t1:
+    the request arrives on peer0 as `outer` bytes and leaves on inet0 as `inner`, the reply
+    the other way. Each request is paired with the next events in order; a pairing that
+    spans more than 10 ms (a lost datagram) is dropped."""
+    def times(point, dev, length):
+        return [t for t, p, d, n in events if t0 <= t <= t1 and p == point and d == dev
+                and n == length]
+    legs = (times("netif_receive_skb", "peer0", outer),
+            times("net_dev_xmit", "inet0", inner + ETHERNET_HEADER),
+            times("netif_receive_skb", "inet0", inner),
+            times("net_dev_xmit", "peer0", outer + ETHERNET_HEADER))
+    shares, at = [], [0, 0, 0]
+    for start in legs[0]:
+        stamps = [start]
+        for i, leg in enumerate(legs[1:]):
+            while at[i] < len(leg) and leg[at[i]] < stamps[-1]:
+                at[i] += 1
+            if at[i] == len(leg):
+                return shares
+            stamps.append(leg[at[i]])
+        if stamps[3] - stamps[0] < 0.01:
+            shares.append((stamps[1] - stamps[0], stamps[3] - stamps[2]))
+    return shares
+
+
+def median_us(seconds):
+    return statistics.median(seconds) * 1e6
+
+
+def measure_share(topos, results, log):
+    """UDP echoes through every gateway and through the null relay, SHARE_ROUNDS rounds in
+    alternating order under one system-wide `perf record`; each one's median share of an
+    echo, both ways and each way, and the median round trip the client saw meanwhile."""
+    if not shutil.which("perf") or not shutil.which("socat"):
+        log("  skipped: needs perf (Debian: linux-perf) and socat")
+        return
+    relay_kind = "ours" if "ours" in topos else next(iter(topos))
+    relay_topo = topos[relay_kind]
+    relay = relay_topo.spawn("null-relay", "gw", [
+        "socat", "UDP4-LISTEN:%d,bind=%s" % (NULL_RELAY_PORT, GW_UNDERLAY_V4),
+        "UDP4:%s:%d" % (INET_V4, UDP_ECHO_PORT)])
+    wait(lambda: (":%d " % NULL_RELAY_PORT) in relay_topo.sh("ss", "-Hunl", ns="gw"), 10,
+         "socat to bind")
+    tunnel, plain = wireguard_len(ipv4_udp_len(UDP_ECHO_SIZE)), ipv4_udp_len(UDP_ECHO_SIZE)
+    runs = [(kind, topo, INET_V4, UDP_ECHO_PORT, tunnel) for kind, topo in topos.items()]
+    runs.append(("null", relay_topo, GW_UNDERLAY_V4, NULL_RELAY_PORT, plain))
+    data = os.path.join(relay_topo.log_dir, "share.data")
+    perf = subprocess.Popen(["perf", "record", "-a", "-k", "CLOCK_MONOTONIC", "-o", data,
+                             "-e", "net:netif_receive_skb,net:net_dev_xmit"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    windows = []
+    try:
+        time.sleep(1.5)
+        for r in range(SHARE_ROUNDS):
+            for name, topo, host, port, outer in (runs if r % 2 == 0 else runs[::-1]):
+                t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
+                out = client(topo, ["udp", host, str(SHARE_ECHOES), str(port)], 300)
+                t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
+                rtts = [float(t) for t in out.split("times", 1)[1].split()]
+                windows.append((name, t0, t1, outer, rtts))
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(60)
+        relay.terminate()
+    events = net_events(data)
+    for name in [run[0] for run in runs]:
+        shares, rtts = [], []
+        for kind, t0, t1, outer, got in windows:
+            if kind == name:
+                shares += echo_shares(events, t0, t1, outer, plain)
+                rtts += got
+        if not shares:
+            log("  %s: no echo found in the trace" % name)
+            continue
+        res, prefix = (results[relay_kind], "null_") if name == "null" else (results[name], "")
+        res.update({prefix + "share_p50": median_us([f + r for f, r in shares]),
+                    prefix + "share_forward_p50": median_us([f for f, _ in shares]),
+                    prefix + "share_reverse_p50": median_us([r for _, r in shares]),
+                    prefix + "share_echoes": len(shares),
+                    prefix + "share_rtt_p50": statistics.median(rtts)})
+        if name != "null":  # the relay's round trip has no tunnel: its rest is another path
+            res["share_rest_p50"] = res["share_rtt_p50"] - res["share_p50"]
+        log("  %s: %.0f us of a %.0f us echo in the gateway namespace (%.0f in, %.0f back; "
+            "%d echoes)" % (name, res[prefix + "share_p50"], res[prefix + "share_rtt_p50"],
+                            res[prefix + "share_forward_p50"],
+                            res[prefix + "share_reverse_p50"], len(shares)))
+    base = results.get("baseline", {})
+    if "ours" in results and "share_p50" in base:
+        # With the same rest R for both, (R + ours) / (R + B) <= 0.8 needs this much or less.
+        results["ours"]["share_for_0_8"] = 0.8 * base["share_p50"] - 0.2 * base["share_rest_p50"]
+
+
 THROUGHPUT_ROWS = (("up1", False, 1), ("up4", False, 4), ("down1", True, 1), ("down4", True, 4))
 THROUGHPUT_ROUNDS = 3
 
@@ -799,6 +930,9 @@ def run_all(kinds, args, log_dir, log):
                 measure_idle(topo, args.idle, results[kind], log)
         log("== latency, both gateways in turn ==")
         measure_latency(topos, results, args, log)
+        if "share" in args.measure:
+            log("== the gateway's share of a UDP echo, and a null relay's ==")
+            measure_share(topos, results, log)
         if "iperf" in args.measure:
             log("== throughput, both gateways in turn ==")
             measure_throughput(topos, results, args, log)
@@ -900,6 +1034,14 @@ def report(ours, base, args, started):
     row("UDP echo RTT, p50 (µs)", "udp_p50", ".0f", "ratio ≤ 0.8")
     row("UDP echo RTT, p99 (µs)", "udp_p99", ".0f")
     row("ICMP echo RTT, p50 (ms)", "icmp_p50", ".3f")
+    row("UDP echo: time in the gateway namespace, p50 (µs, see below)", "share_p50", ".0f")
+    row("… of it, request in → out (µs)", "share_forward_p50", ".0f")
+    row("… of it, reply in → out (µs)", "share_reverse_p50", ".0f")
+    row("UDP echo: the rest of the round trip, p50 (µs)", "share_rest_p50", ".0f")
+    row("null relay (socat, no tunnel): time in the gateway namespace, p50 (µs)",
+        "null_share_p50", ".0f", show_ratio=False)
+    row("our time in the gateway namespace that a UDP echo ratio of 0.8 would need (µs)",
+        "share_for_0_8", ".0f", show_ratio=False)
     row("gateway RSS at start (MiB)", "idle_rss0", ".1f", scale=1 / 2**20)
     row("gateway RSS with %d idle connections (MiB)" % args.idle, "idle_rss1", ".1f",
         scale=1 / 2**20)
@@ -942,6 +1084,17 @@ def report(ours, base, args, started):
         "UDP socket, ChaCha20-Poly1305 (about 0.6 CPU-s per GB) and the ACKs." % (
             FLOOR_WRITE, FLOOR_READ),
     ]
+    lines += [
+        "",
+        "Time in the gateway namespace: from the kernel's timestamps (perf's net tracepoints) "
+        "where each UDP echo's request enters the gateway namespace from the peer and leaves "
+        "it toward the server, plus the same for the reply, per echo, in %d rounds of %d "
+        "echoes alternating between the gateways and a null relay (socat in our gateway "
+        "namespace relaying plain UDP to the same server: no tunnel, no crypto, one wake-up "
+        "each way). The rest of the round trip (client, peer, server, links) is the same "
+        "for every gateway, so with the baseline's share B and rest R, a ratio of 0.8 needs "
+        "our share at or below 0.8·B − 0.2·R." % (SHARE_ROUNDS, SHARE_ECHOES),
+    ]
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):
             lines += ["", "perf, wgslirpy during the 4-stream %s (self time by object, then by "
@@ -951,7 +1104,7 @@ def report(ours, base, args, started):
     return "\n".join(lines)
 
 
-MEASURES = ("idle", "short", "udp", "icmp", "iperf", "echo")
+MEASURES = ("idle", "short", "udp", "icmp", "share", "iperf", "echo")
 
 
 def orchestrate(argv):

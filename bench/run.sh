@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench: needs root (network namespaces): run bench/run.sh as root" >&2
   exit 1
 fi
-scripts/install-deps.sh
+scripts/install-deps.sh --bench
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 binary="$target/release/wgslirpy"
 if [[ " $* " != *" --binary "* ]]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests and the demo use, from Debian's packages.
-# Needs root; does nothing for packages that are already there.
+# Installs what the end-to-end tests and the demo use, from Debian's packages; with
+# --bench, also what the benchmark suite alone uses (perf). Needs root; does nothing for
+# packages that are already there.
 set -euo pipefail
 
 packages=(
@@ -10,6 +11,9 @@ packages=(
   nftables python3 util-linux    # NAT baseline, test servers, setpriv
   dnsmasq-base                   # the DNS tests' nameserver: the binary, no system service
 )
+if [ "${1:-}" = --bench ]; then
+  packages+=(linux-perf)         # the benchmark's gateway share and --perf profiles
+fi
 
 missing=()
 for package in "${packages[@]}"; do
