@@ -19,15 +19,17 @@ serving the same kind of wireguard-go peer. Both topologies are up at once. It m
   2. latency, in rounds that alternate between the two gateways (so that the shared
      machine's drift during the run weighs on both alike):
      short TCP connections (connect, one request, one reply, close), median and p99;
-     UDP echo round trips, p50 and p99; ICMP echo round trips, p50;
+     UDP echo round trips, p50 and p99; ICMP echo round trips, p50; then the gateway's
+     share of a UDP echo (time in its namespace, from perf's net tracepoints) and its CPU
+     per echo, against a null relay's (socat: what the machine itself costs);
   3. iperf3 TCP throughput, peer -> internet and internet -> peer (-R), 1 and 4 streams,
      in rounds that alternate between the gateways too (one busy at a time), with the
      gateway process's CPU-seconds (utime + stime) per GB received, and its busiest
      thread's (with several threads, the one that limits throughput); then, as a floor, the
      kernel's cost of the host side alone: iperf3 from the gateway namespace at our rates;
   4. per gateway: 200 concurrent connections each echoing 1 MB, all byte-exact.
-`--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, iperf,
-echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
+`--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, share,
+iperf, echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
 baseline) and writes it to bench/results/. Network rule: every packet stays inside the
 namespaces it creates; they and every process it starts are removed (by PID) at the end,
 also on failure or Ctrl-C.
@@ -496,6 +498,19 @@ def thread_cpu_seconds(pid):
     return out
 
 
+def run_seconds(pid):
+    """CPU-seconds that every thread of `pid` has run so far, to the nanosecond (schedstat),
+    for measures too short for utime and stime's clock ticks."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass  # the thread ended meanwhile
+    return total / 1e9
+
+
 def context_switches(pid):
     """Context switches of every thread of `pid` so far, voluntary (a thread went to sleep:
     each is a wake-up later) and not: a measure of how much work each wake-up carries."""
@@ -721,8 +736,9 @@ def measure_share(topos, results, log):
     wait(lambda: (":%d " % NULL_RELAY_PORT) in relay_topo.sh("ss", "-Hunl", ns="gw"), 10,
          "socat to bind")
     tunnel, plain = wireguard_len(ipv4_udp_len(UDP_ECHO_SIZE)), ipv4_udp_len(UDP_ECHO_SIZE)
-    runs = [(kind, topo, INET_V4, UDP_ECHO_PORT, tunnel) for kind, topo in topos.items()]
-    runs.append(("null", relay_topo, GW_UNDERLAY_V4, NULL_RELAY_PORT, plain))
+    runs = [(kind, topo, topo.gateway_pid, INET_V4, UDP_ECHO_PORT, tunnel)
+            for kind, topo in topos.items()]
+    runs.append(("null", relay_topo, relay.pid, GW_UNDERLAY_V4, NULL_RELAY_PORT, plain))
     data = os.path.join(relay_topo.log_dir, "share.data")
     perf = subprocess.Popen(["perf", "record", "-a", "-k", "CLOCK_MONOTONIC", "-o", data,
                              "-e", "net:netif_receive_skb,net:net_dev_xmit"],
@@ -731,23 +747,24 @@ def measure_share(topos, results, log):
     try:
         time.sleep(1.5)
         for r in range(SHARE_ROUNDS):
-            for name, topo, host, port, outer in (runs if r % 2 == 0 else runs[::-1]):
-                t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
+            for name, topo, pid, host, port, outer in (runs if r % 2 == 0 else runs[::-1]):
+                t0, cpu0 = time.clock_gettime(time.CLOCK_MONOTONIC), run_seconds(pid)
                 out = client(topo, ["udp", host, str(SHARE_ECHOES), str(port)], 300)
-                t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
+                t1, cpu1 = time.clock_gettime(time.CLOCK_MONOTONIC), run_seconds(pid)
                 rtts = [float(t) for t in out.split("times", 1)[1].split()]
-                windows.append((name, t0, t1, outer, rtts))
+                windows.append((name, t0, t1, outer, rtts, cpu1 - cpu0))
     finally:
         perf.send_signal(signal.SIGINT)
         perf.wait(60)
         relay.terminate()
     events = net_events(data)
     for name in [run[0] for run in runs]:
-        shares, rtts = [], []
-        for kind, t0, t1, outer, got in windows:
+        shares, rtts, cpu = [], [], 0.0
+        for kind, t0, t1, outer, got, seconds in windows:
             if kind == name:
                 shares += echo_shares(events, t0, t1, outer, plain)
                 rtts += got
+                cpu += seconds
         if not shares:
             log("  %s: no echo found in the trace" % name)
             continue
@@ -756,13 +773,15 @@ def measure_share(topos, results, log):
                     prefix + "share_forward_p50": median_us([f for f, _ in shares]),
                     prefix + "share_reverse_p50": median_us([r for _, r in shares]),
                     prefix + "share_echoes": len(shares),
-                    prefix + "share_rtt_p50": statistics.median(rtts)})
+                    prefix + "share_rtt_p50": statistics.median(rtts),
+                    prefix + "share_cpu_per_echo": cpu / len(rtts) * 1e6})
         if name != "null":  # the relay's round trip has no tunnel: its rest is another path
             res["share_rest_p50"] = res["share_rtt_p50"] - res["share_p50"]
         log("  %s: %.0f us of a %.0f us echo in the gateway namespace (%.0f in, %.0f back; "
-            "%d echoes)" % (name, res[prefix + "share_p50"], res[prefix + "share_rtt_p50"],
-                            res[prefix + "share_forward_p50"],
-                            res[prefix + "share_reverse_p50"], len(shares)))
+            "%d echoes), %.0f us of CPU per echo"
+            % (name, res[prefix + "share_p50"], res[prefix + "share_rtt_p50"],
+               res[prefix + "share_forward_p50"], res[prefix + "share_reverse_p50"],
+               len(shares), res[prefix + "share_cpu_per_echo"]))
     base = results.get("baseline", {})
     if "ours" in results and "share_p50" in base:
         # With the same rest R for both, (R + ours) / (R + B) <= 0.8 needs this much or less.
@@ -1038,8 +1057,11 @@ def report(ours, base, args, started):
     row("… of it, request in → out (µs)", "share_forward_p50", ".0f")
     row("… of it, reply in → out (µs)", "share_reverse_p50", ".0f")
     row("UDP echo: the rest of the round trip, p50 (µs)", "share_rest_p50", ".0f")
+    row("UDP echo: gateway CPU per echo (µs)", "share_cpu_per_echo", ".0f")
     row("null relay (socat, no tunnel): time in the gateway namespace, p50 (µs)",
         "null_share_p50", ".0f", show_ratio=False)
+    row("null relay: its CPU per echo (µs)", "null_share_cpu_per_echo", ".0f",
+        show_ratio=False)
     row("our time in the gateway namespace that a UDP echo ratio of 0.8 would need (µs)",
         "share_for_0_8", ".0f", show_ratio=False)
     row("gateway RSS at start (MiB)", "idle_rss0", ".1f", scale=1 / 2**20)
@@ -1093,7 +1115,8 @@ def report(ours, base, args, started):
         "namespace relaying plain UDP to the same server: no tunnel, no crypto, one wake-up "
         "each way). The rest of the round trip (client, peer, server, links) is the same "
         "for every gateway, so with the baseline's share B and rest R, a ratio of 0.8 needs "
-        "our share at or below 0.8·B − 0.2·R." % (SHARE_ROUNDS, SHARE_ECHOES),
+        "our share at or below 0.8·B − 0.2·R. CPU per echo: the process's threads' run time "
+        "(schedstat) over the same echoes." % (SHARE_ROUNDS, SHARE_ECHOES),
     ]
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):
