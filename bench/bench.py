@@ -1113,9 +1113,10 @@ def report(ours, base, args, started):
         "it toward the server, plus the same for the reply, per echo, in %d rounds of %d "
         "echoes alternating between the gateways and a null relay (socat in our gateway "
         "namespace relaying plain UDP to the same server: no tunnel, no crypto, one wake-up "
-        "each way). The rest of the round trip (client, peer, server, links) is the same "
-        "for every gateway, so with the baseline's share B and rest R, a ratio of 0.8 needs "
-        "our share at or below 0.8·B − 0.2·R. CPU per echo: the process's threads' run time "
+        "each way). The rest of the round trip (client, peer, server, links) is the same path "
+        "for every gateway, though it moves with the machine's load, so with the baseline's "
+        "share B and rest R, a ratio of 0.8 needs our share at or below about 0.8·B − 0.2·R. "
+        "CPU per echo: the process's threads' run time "
         "(schedstat) over the same echoes." % (SHARE_ROUNDS, SHARE_ECHOES),
     ]
     for key, what in (("up4", "upload"), ("down4", "download")):
