@@ -25,7 +25,6 @@ use gotatun::packet::{Packet, PacketBufPool};
 use gotatun::udp::socket::UdpSocket;
 use gotatun::udp::{UdpRecv, UdpSend};
 use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
-use tokio::io::Interest;
 
 /// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 on
 /// older kernels, 128 on newer ones).
@@ -61,10 +60,9 @@ impl GsoSocket {
         }
         let iov = &iov[..run.len()];
         let dest = SockaddrStorage::from(*dest);
-        let socket = self.inner.socket();
-        let fd = socket.as_raw_fd();
-        socket
-            .async_io(Interest::WRITABLE, || {
+        let fd = self.inner.socket().as_raw_fd();
+        self.inner
+            .send_io(|_| {
                 let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
                 sendmsg(fd, iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&dest))
                     .map_err(io::Error::from)
@@ -128,7 +126,10 @@ impl UdpSend for GsoSocket {
             let end = run_end(packets, start);
             if end - start == 1 {
                 let (packet, dest) = &packets[start];
-                self.inner.socket().send_to(packet, *dest).await?;
+                let packet: &[u8] = packet;
+                self.inner
+                    .send_io(|socket| socket.send_to(packet, *dest))
+                    .await?;
             } else if let Err(error) = self.send_run(&packets[start..end]).await {
                 if !gso_refused(&error) {
                     return Err(error);
@@ -263,7 +264,7 @@ mod tests {
         let mut receiver = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
         receiver.enable_udp_gro().unwrap();
         let sender = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
-        let to = receiver.inner.socket().local_addr().unwrap();
+        let to = receiver.inner.local_addr().unwrap();
         let pattern = |len: usize, seed: usize| -> Vec<u8> {
             (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
         };
@@ -315,7 +316,7 @@ mod tests {
     async fn after_a_short_batch_the_next_datagram_still_wakes_the_reader() {
         let mut receiver = GsoSocket::new(UdpSocket::bind(addr(0), SockOpt::default()).unwrap());
         let sender = std::net::UdpSocket::bind(addr(0)).unwrap();
-        let to = receiver.inner.socket().local_addr().unwrap();
+        let to = receiver.inner.local_addr().unwrap();
         let mut pool = PacketBufPool::<4096>::new(1);
         let mut buf = <GsoSocket as UdpRecv>::RecvManyBuf::default();
         for round in 0..50u8 {

@@ -17,7 +17,6 @@ use std::{
     net::SocketAddr,
     os::fd::AsRawFd,
 };
-use tokio::io::Interest;
 
 use crate::{
     packet::Packet,
@@ -39,7 +38,8 @@ impl UdpSend for super::UdpSocket {
     type SendManyBuf = SendmmsgBuf;
 
     async fn send_to(&self, packet: Packet, target: SocketAddr) -> io::Result<()> {
-        self.socket().send_to(&packet, target).await?;
+        self.send_io(|socket| socket.send_to(&packet, target))
+            .await?;
         Ok(())
     }
 
@@ -50,8 +50,7 @@ impl UdpSend for super::UdpSocket {
     ) -> io::Result<()> {
         check_send_max_number_of_packets(MAX_PACKET_COUNT, packets)?;
 
-        let socket = self.socket();
-        let fd = socket.as_raw_fd();
+        let fd = self.socket().as_raw_fd();
 
         buf.targets.clear();
 
@@ -67,8 +66,8 @@ impl UdpSend for super::UdpSocket {
         let pkts = &packets_buf[..len];
         let mut packet_buf_start = 0;
         while packet_buf_start < len {
-            let result = socket
-                .async_io(Interest::WRITABLE, || {
+            let result = self
+                .send_io(|_| {
                     let mut multiheaders =
                         MultiHeaders::preallocate(pkts[packet_buf_start..].len(), None);
                     let multiresult = nix::sys::socket::sendmmsg(
@@ -126,7 +125,6 @@ mod gro {
     use std::net::SocketAddr;
     use std::ops::Range;
     use std::os::fd::AsRawFd;
-    use tokio::io::Interest;
 
     pub struct RecvManyBuf {
         pub(crate) gro_bufs: Box<[BytesMut; MAX_PACKET_COUNT]>,
@@ -173,7 +171,7 @@ mod gro {
             pool: &mut PacketBufPool,
         ) -> io::Result<(Packet, SocketAddr)> {
             let mut buf = pool.get();
-            let (n, src) = self.socket().recv_from(&mut buf).await?;
+            let (n, src) = self.recv_io(|socket| socket.recv_from(&mut buf)).await?;
             buf.truncate(n);
             let src = self.map_src(src);
             Ok((buf, src))
@@ -307,16 +305,18 @@ mod gro {
             // would find nothing after each batch. A datagram that arrives meanwhile makes the
             // socket ready again (tokio clears only the readiness it saw).
             loop {
-                socket.readable().await?;
+                let mut ready = socket.readable().await?;
                 let mut messages = 0;
-                let outcome = socket.try_io(Interest::READABLE, || {
-                    messages = read_batch()?;
-                    if messages < MAX_PACKET_COUNT {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(())
-                    }
-                });
+                let outcome = ready
+                    .try_io(|_| {
+                        messages = read_batch()?;
+                        if messages < MAX_PACKET_COUNT {
+                            Err(io::ErrorKind::WouldBlock.into())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .unwrap_or_else(|_| Err(io::ErrorKind::WouldBlock.into()));
                 match outcome {
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock && messages == 0 => {}
                     Err(error) if error.kind() != io::ErrorKind::WouldBlock => return Err(error),
@@ -441,7 +441,7 @@ mod android {
             pool: &mut PacketBufPool,
         ) -> io::Result<(Packet, SocketAddr)> {
             let mut buf = pool.get();
-            let (n, src) = self.socket().recv_from(&mut buf).await?;
+            let (n, src) = self.recv_io(|socket| socket.recv_from(&mut buf)).await?;
             buf.truncate(n);
             let src = self.map_src(src);
             Ok((buf, src))

@@ -85,9 +85,21 @@ impl UdpTransportFactory for UdpSocketFactory {
 /// Default UDP socket implementation
 #[derive(Clone)]
 pub struct UdpSocket {
-    inner: Arc<tokio::net::UdpSocket>,
+    inner: Arc<Registered>,
     map_ipv4_to_ipv6: bool,
 }
+
+/// The socket as registered with tokio's reactor.
+///
+/// wgslirpy patch: on Linux, for reading only. The kernel reports room to write each time
+/// it frees a datagram that the socket sent (once a local receiver has read it, for one),
+/// and a registration for writing too would wake a sleeping worker for every such report
+/// with nobody waiting for it. A send that finds no room waits through a registration of
+/// its own ([`UdpSocket::send_io`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+type Registered = tokio::io::unix::AsyncFd<std::net::UdpSocket>;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+type Registered = tokio::net::UdpSocket;
 
 /// Options set on the socket created by [`UdpSocket::bind`].
 #[derive(Copy, Clone, Debug, Default)]
@@ -161,6 +173,17 @@ impl UdpSocket {
 
         udp_sock.bind(&addr.into())?;
 
+        // SAFETY: a `std::net::UdpSocket` owns its descriptor and keeps it open, the same
+        // one, until it is dropped with the `AsyncFd`.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let inner = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                std::net::UdpSocket::from(udp_sock),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(io::Error::from)?;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let inner = tokio::net::UdpSocket::from_std(udp_sock.into())?;
 
         Ok(Self {
@@ -169,15 +192,61 @@ impl UdpSocket {
         })
     }
 
-    /// Get the inner [`tokio::net::UdpSocket`].
+    /// Get the inner socket, as registered with tokio (see [`Registered`]).
     #[inline(always)]
-    pub fn socket(&self) -> &tokio::net::UdpSocket {
+    pub fn socket(&self) -> &Registered {
         &self.inner
     }
 
     /// Returns the local address that this socket is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        return self.inner.get_ref().local_addr();
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        return self.inner.local_addr();
+    }
+
+    /// wgslirpy patch: calls `send` until it does not fail with `WouldBlock`, waiting for
+    /// room in the socket in between through a write-only registration of a duplicate of
+    /// its descriptor, made for that wait alone (see [`Registered`]). Registering polls the
+    /// socket at once, so room that came before it is not missed.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub async fn send_io<R>(
+        &self,
+        mut send: impl FnMut(&std::net::UdpSocket) -> io::Result<R>,
+    ) -> io::Result<R> {
+        loop {
+            match send(self.inner.get_ref()) {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    let duplicate = self.inner.get_ref().try_clone()?;
+                    // SAFETY: as in `bind`, for the duplicate, dropped with `room`.
+                    let room = unsafe {
+                        tokio::io::unix::AsyncFd::register_with_interest(
+                            duplicate,
+                            tokio::io::Interest::WRITABLE,
+                        )
+                    }
+                    .map_err(io::Error::from)?;
+                    drop(room.writable().await?);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// wgslirpy patch: calls `recv` once the socket is readable, until it does not fail with
+    /// `WouldBlock` (which clears the readiness the reactor reported).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub async fn recv_io<R>(
+        &self,
+        mut recv: impl FnMut(&std::net::UdpSocket) -> io::Result<R>,
+    ) -> io::Result<R> {
+        loop {
+            let mut ready = self.inner.readable().await?;
+            if let Ok(outcome) = ready.try_io(|socket| recv(socket.get_ref())) {
+                return outcome;
+            }
+        }
     }
 
     /// Map an IPv4 address to IPv6 if necessary.
@@ -256,6 +325,65 @@ fn check_send_max_number_of_packets(
 #[cfg(test)]
 #[cfg_attr(target_vendor = "apple", expect(clippy::let_unit_value))]
 mod tests {
+    /// wgslirpy patch: the socket is registered for reading only, and a send that finds no
+    /// room waits for the kernel's report of room through a registration of its own.
+    /// Loopback never runs a UDP socket out of room (it frees each datagram as it sends
+    /// it), so a Unix datagram pair, whose sender runs out of room when nobody reads, stands
+    /// in for the socket: the registration and the wait do not depend on the family.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_send_without_room_waits_for_room_and_then_goes_out() {
+        use nix::sys::socket::{MsgFlags, send};
+        use std::os::fd::{AsRawFd, OwnedFd};
+
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        let send_one = move || send(fd, b"x", MsgFlags::MSG_DONTWAIT).map_err(io::Error::from);
+        // SAFETY: the descriptor is owned, open, and dropped with the `AsyncFd`.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                std::net::UdpSocket::from(OwnedFd::from(ours)),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .unwrap();
+        let socket = UdpSocket {
+            inner: Arc::new(registered),
+            map_ipv4_to_ipv6: false,
+        };
+        let mut queued = 0;
+        while send_one().is_ok() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+
+        let sending = socket.send_io(|_| send_one());
+        tokio::pin!(sending);
+        assert!(
+            timeout(Duration::from_millis(200), &mut sending)
+                .await
+                .is_err(),
+            "a send without room must wait"
+        );
+        // Reading what is queued makes room (a Unix sender counts as writable again once a
+        // quarter of its buffer is in use).
+        let mut datagram = [0; 1];
+        for _ in 0..queued {
+            theirs.recv(&mut datagram).unwrap();
+        }
+        timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("room must wake the waiting send")
+            .unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        assert!(
+            theirs.recv(&mut datagram).is_ok(),
+            "the waiting datagram went out"
+        );
+        assert!(theirs.recv(&mut datagram).is_err(), "and only once");
+    }
+
     use bytes::BytesMut;
     use tokio::time::timeout;
     use zerocopy::IntoBytes;
