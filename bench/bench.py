@@ -29,8 +29,8 @@ serving the same kind of wireguard-go peer. Both topologies are up at once. It m
      kernel's cost of the host side alone: iperf3 from the gateway namespace at our rates;
   4. per gateway: 200 concurrent connections each echoing 1 MB, all byte-exact.
 `--measure short,udp` runs only those measurements (names: idle, short, udp, icmp, share,
-iperf, echo), for quick experiments. It prints a markdown table (absolute values and ratios ours /
-baseline) and writes it to bench/results/. Network rule: every packet stays inside the
+iperf, echo), for quick experiments. It prints a markdown table (absolute values and ratios
+ours / baseline) and writes it to bench/results/. Network rule: every packet stays inside the
 namespaces it creates; they and every process it starts are removed (by PID) at the end,
 also on failure or Ctrl-C.
 
@@ -665,7 +665,7 @@ def measure_latency(topos, results, args, log):
 # namespace takes in and sends out each datagram (perf's net tracepoints, on all CPUs): from
 # the request's arrival on peer0 to its departure on inet0, plus from the reply's arrival on
 # inet0 to its departure on peer0. The rest of the round trip (client, peer, server, links)
-# is the same for both gateways. Measured the same way: a null relay (socat in the gateway
+# is the same path for every gateway. Measured the same way: a null relay (socat in the gateway
 # namespace, relaying plain UDP to the same echo server: no tunnel, no crypto), which is
 # about what any user-space process pays in this rig to be woken once each way.
 SHARE_ROUNDS, SHARE_ECHOES = 3, 300
@@ -745,7 +745,7 @@ def measure_share(topos, results, log):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     windows = []
     try:
-        time.sleep(1.5)
+        time.sleep(1.5)  # perf takes a moment before it records
         for r in range(SHARE_ROUNDS):
             for name, topo, pid, host, port, outer in (runs if r % 2 == 0 else runs[::-1]):
                 t0, cpu0 = time.clock_gettime(time.CLOCK_MONOTONIC), run_seconds(pid)
@@ -1116,8 +1116,8 @@ def report(ours, base, args, started):
         "each way). The rest of the round trip (client, peer, server, links) is the same path "
         "for every gateway, though it moves with the machine's load, so with the baseline's "
         "share B and rest R, a ratio of 0.8 needs our share at or below about 0.8·B − 0.2·R. "
-        "CPU per echo: the process's threads' run time "
-        "(schedstat) over the same echoes." % (SHARE_ROUNDS, SHARE_ECHOES),
+        "CPU per echo: the process's threads' run time (schedstat) over the same echoes."
+        % (SHARE_ROUNDS, SHARE_ECHOES),
     ]
     for key, what in (("up4", "upload"), ("down4", "download")):
         if ours.get("perf_top_" + key):

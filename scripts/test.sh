@@ -11,7 +11,8 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 cargo build --workspace --all-targets
 # The patched gotatun's own unit tests (vendor/gotatun/PATCHED.md), with the
-# features wgslirpy uses; it is a crate of its own, outside the workspace.
+# features wgslirpy uses and `tun`, which some of them need; it is a crate of
+# its own, outside the workspace.
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 (cd vendor/gotatun && CARGO_TARGET_DIR="$target/gotatun" \
   cargo test --lib --no-default-features --features device,ring,tun)

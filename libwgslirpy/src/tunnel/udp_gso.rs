@@ -126,9 +126,8 @@ impl UdpSend for GsoSocket {
             let end = run_end(packets, start);
             if end - start == 1 {
                 let (packet, dest) = &packets[start];
-                let packet: &[u8] = packet;
                 self.inner
-                    .send_io(|socket| socket.send_to(packet, *dest))
+                    .send_io(|socket| socket.send_to(&packet[..], *dest))
                     .await?;
             } else if let Err(error) = self.send_run(&packets[start..end]).await {
                 if !gso_refused(&error) {

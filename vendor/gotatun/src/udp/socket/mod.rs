@@ -92,10 +92,12 @@ pub struct UdpSocket {
 /// The socket as registered with tokio's reactor.
 ///
 /// wgslirpy patch: on Linux, for reading only. The kernel reports room to write each time
-/// it frees a datagram that the socket sent (once a local receiver has read it, for one),
-/// and a registration for writing too would wake a sleeping worker for every such report
-/// with nobody waiting for it. A send that finds no room waits through a registration of
-/// its own ([`UdpSocket::send_io`]).
+/// a datagram that the socket sent leaves its account (for a receiver on the same host, as
+/// soon as the receiving side's IP layer takes it, often within the send itself), and a
+/// registration for writing too would wake a worker asleep in `epoll_wait` (another one
+/// than the sender, on a multi-threaded runtime) for every such report, with nobody
+/// waiting for it. A send that finds no room waits through a registration of its own
+/// ([`UdpSocket::send_io`]).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 type Registered = tokio::io::unix::AsyncFd<std::net::UdpSocket>;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -325,65 +327,6 @@ fn check_send_max_number_of_packets(
 #[cfg(test)]
 #[cfg_attr(target_vendor = "apple", expect(clippy::let_unit_value))]
 mod tests {
-    /// wgslirpy patch: the socket is registered for reading only, and a send that finds no
-    /// room waits for the kernel's report of room through a registration of its own.
-    /// Loopback never runs a UDP socket out of room (it frees each datagram as it sends
-    /// it), so a Unix datagram pair, whose sender runs out of room when nobody reads, stands
-    /// in for the socket: the registration and the wait do not depend on the family.
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn a_send_without_room_waits_for_room_and_then_goes_out() {
-        use nix::sys::socket::{MsgFlags, send};
-        use std::os::fd::{AsRawFd, OwnedFd};
-
-        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let fd = ours.as_raw_fd();
-        let send_one = move || send(fd, b"x", MsgFlags::MSG_DONTWAIT).map_err(io::Error::from);
-        // SAFETY: the descriptor is owned, open, and dropped with the `AsyncFd`.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                std::net::UdpSocket::from(OwnedFd::from(ours)),
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .unwrap();
-        let socket = UdpSocket {
-            inner: Arc::new(registered),
-            map_ipv4_to_ipv6: false,
-        };
-        let mut queued = 0;
-        while send_one().is_ok() {
-            queued += 1;
-        }
-        assert!(queued > 0);
-
-        let sending = socket.send_io(|_| send_one());
-        tokio::pin!(sending);
-        assert!(
-            timeout(Duration::from_millis(200), &mut sending)
-                .await
-                .is_err(),
-            "a send without room must wait"
-        );
-        // Reading what is queued makes room (a Unix sender counts as writable again once a
-        // quarter of its buffer is in use).
-        let mut datagram = [0; 1];
-        for _ in 0..queued {
-            theirs.recv(&mut datagram).unwrap();
-        }
-        timeout(Duration::from_secs(5), sending)
-            .await
-            .expect("room must wake the waiting send")
-            .unwrap();
-        theirs.set_nonblocking(true).unwrap();
-        assert!(
-            theirs.recv(&mut datagram).is_ok(),
-            "the waiting datagram went out"
-        );
-        assert!(theirs.recv(&mut datagram).is_err(), "and only once");
-    }
-
     use bytes::BytesMut;
     use tokio::time::timeout;
     use zerocopy::IntoBytes;
@@ -596,5 +539,64 @@ mod tests {
             }
         }
         recv_none(&mut dual_sock).await;
+    }
+
+    /// wgslirpy patch: the socket is registered for reading only, and a send that finds no
+    /// room waits for the kernel's report of room through a registration of its own.
+    /// Loopback never runs a UDP socket out of room (it frees each datagram as it sends
+    /// it), so a Unix datagram pair, whose sender runs out of room when nobody reads, stands
+    /// in for the socket: the registration and the wait do not depend on the family.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_send_without_room_waits_for_room_and_then_goes_out() {
+        use nix::sys::socket::{MsgFlags, send};
+        use std::os::fd::{AsRawFd, OwnedFd};
+
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        let send_one = move || send(fd, b"x", MsgFlags::MSG_DONTWAIT).map_err(io::Error::from);
+        // SAFETY: the descriptor is owned, open, and dropped with the `AsyncFd`.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                std::net::UdpSocket::from(OwnedFd::from(ours)),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .unwrap();
+        let socket = UdpSocket {
+            inner: Arc::new(registered),
+            map_ipv4_to_ipv6: false,
+        };
+        let mut queued = 0;
+        while send_one().is_ok() {
+            queued += 1;
+        }
+        assert!(queued > 0);
+
+        let sending = socket.send_io(|_| send_one());
+        tokio::pin!(sending);
+        assert!(
+            timeout(Duration::from_millis(200), &mut sending)
+                .await
+                .is_err(),
+            "a send without room must wait"
+        );
+        // Reading what is queued makes room (a Unix sender counts as writable again once a
+        // quarter of its buffer is in use).
+        let mut datagram = [0; 1];
+        for _ in 0..queued {
+            theirs.recv(&mut datagram).unwrap();
+        }
+        timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("room must wake the waiting send")
+            .unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        assert!(
+            theirs.recv(&mut datagram).is_ok(),
+            "the waiting datagram went out"
+        );
+        assert!(theirs.recv(&mut datagram).is_err(), "and only once");
     }
 }
