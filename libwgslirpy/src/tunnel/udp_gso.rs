@@ -60,10 +60,10 @@ impl GsoSocket {
         }
         let iov = &iov[..run.len()];
         let dest = SockaddrStorage::from(*dest);
-        let fd = self.inner.socket().as_raw_fd();
         self.inner
-            .send_io(|_| {
+            .send_io(|socket| {
                 let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+                let fd = socket.as_raw_fd();
                 sendmsg(fd, iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&dest))
                     .map_err(io::Error::from)
             })

@@ -50,8 +50,6 @@ impl UdpSend for super::UdpSocket {
     ) -> io::Result<()> {
         check_send_max_number_of_packets(MAX_PACKET_COUNT, packets)?;
 
-        let fd = self.socket().as_raw_fd();
-
         buf.targets.clear();
 
         // This allocation can't be put in the struct because of lifetimes.
@@ -67,11 +65,11 @@ impl UdpSend for super::UdpSocket {
         let mut packet_buf_start = 0;
         while packet_buf_start < len {
             let result = self
-                .send_io(|_| {
+                .send_io(|socket| {
                     let mut multiheaders =
                         MultiHeaders::preallocate(pkts[packet_buf_start..].len(), None);
                     let multiresult = nix::sys::socket::sendmmsg(
-                        fd,
+                        socket.as_raw_fd(),
                         &mut multiheaders,
                         &pkts[packet_buf_start..],
                         &buf.targets[packet_buf_start..],

@@ -103,6 +103,15 @@ type Registered = tokio::io::unix::AsyncFd<std::net::UdpSocket>;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 type Registered = tokio::net::UdpSocket;
 
+/// wgslirpy patch: registers `socket` with tokio's reactor for `interest` alone.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn register(socket: std::net::UdpSocket, interest: tokio::io::Interest) -> io::Result<Registered> {
+    // SAFETY: a `std::net::UdpSocket` owns its descriptor and keeps it open, the same one,
+    // until it is dropped with the `AsyncFd`.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, interest) }
+        .map_err(io::Error::from)
+}
+
 /// Options set on the socket created by [`UdpSocket::bind`].
 #[derive(Copy, Clone, Debug, Default)]
 pub struct SockOpt {
@@ -175,16 +184,8 @@ impl UdpSocket {
 
         udp_sock.bind(&addr.into())?;
 
-        // SAFETY: a `std::net::UdpSocket` owns its descriptor and keeps it open, the same
-        // one, until it is dropped with the `AsyncFd`.
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        let inner = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                std::net::UdpSocket::from(udp_sock),
-                tokio::io::Interest::READABLE,
-            )
-        }
-        .map_err(io::Error::from)?;
+        let inner = register(udp_sock.into(), tokio::io::Interest::READABLE)?;
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let inner = tokio::net::UdpSocket::from_std(udp_sock.into())?;
 
@@ -221,14 +222,7 @@ impl UdpSocket {
             match send(self.inner.get_ref()) {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     let duplicate = self.inner.get_ref().try_clone()?;
-                    // SAFETY: as in `bind`, for the duplicate, dropped with `room`.
-                    let room = unsafe {
-                        tokio::io::unix::AsyncFd::register_with_interest(
-                            duplicate,
-                            tokio::io::Interest::WRITABLE,
-                        )
-                    }
-                    .map_err(io::Error::from)?;
+                    let room = register(duplicate, tokio::io::Interest::WRITABLE)?;
                     drop(room.writable().await?);
                 }
                 outcome => return outcome,
@@ -556,13 +550,10 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let fd = ours.as_raw_fd();
         let send_one = move || send(fd, b"x", MsgFlags::MSG_DONTWAIT).map_err(io::Error::from);
-        // SAFETY: the descriptor is owned, open, and dropped with the `AsyncFd`.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(
-                std::net::UdpSocket::from(OwnedFd::from(ours)),
-                tokio::io::Interest::READABLE,
-            )
-        }
+        let registered = register(
+            std::net::UdpSocket::from(OwnedFd::from(ours)),
+            tokio::io::Interest::READABLE,
+        )
         .unwrap();
         let socket = UdpSocket {
             inner: Arc::new(registered),
