@@ -597,9 +597,10 @@ def short_times(topo, count):
     return [float(t) for t in out.split("times", 1)[1].split()]
 
 
-def udp_times(topo, count):
-    """Microseconds per UDP echo, `count` of them, and how many datagrams were lost."""
-    out = client(topo, ["udp", INET_V4, str(count)], 300)
+def udp_times(topo, count, host=INET_V4, port=UDP_ECHO_PORT):
+    """Microseconds per UDP echo, `count` of them (to the echo server, or to `host` and
+    `port`), and how many datagrams were lost."""
+    out = client(topo, ["udp", host, str(count), str(port)], 300)
     return ([float(t) for t in out.split("times", 1)[1].split()],
             int(out.split("lost", 1)[1].split()[0]))
 
@@ -749,9 +750,8 @@ def measure_share(topos, results, log):
         for r in range(SHARE_ROUNDS):
             for name, topo, pid, host, port, outer in (runs if r % 2 == 0 else runs[::-1]):
                 t0, cpu0 = time.clock_gettime(time.CLOCK_MONOTONIC), run_seconds(pid)
-                out = client(topo, ["udp", host, str(SHARE_ECHOES), str(port)], 300)
+                rtts, _ = udp_times(topo, SHARE_ECHOES, host, port)
                 t1, cpu1 = time.clock_gettime(time.CLOCK_MONOTONIC), run_seconds(pid)
-                rtts = [float(t) for t in out.split("times", 1)[1].split()]
                 windows.append((name, t0, t1, outer, rtts, cpu1 - cpu0))
     finally:
         perf.send_signal(signal.SIGINT)
